@@ -1,1 +1,243 @@
-fn main() {}
+//! `vhost-blk-backend`: the EBS-style block card.
+//!
+//! Serves one volume (a local file) to a VMM as a vhost-user-blk device.
+//! Exit status: 0 never (it serves until killed), 1 on a runtime failure,
+//! 2 on a usage or configuration error — and then nothing has been changed.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Parser;
+
+use card_firmware::media::{FileMedia, MediaOptions};
+use card_firmware::{metrics, vhost};
+use vhost_blk_backend::device::BlockDevice;
+use vhost_blk_backend::metrics::BlockMetrics;
+use vhost_blk_backend::{Volume, SERIAL_LEN};
+
+#[derive(Parser, Debug)]
+#[command(
+    version,
+    about = "cardsim's EBS-style block card: virtio-blk over vhost-user on io_uring"
+)]
+struct Args {
+    /// vhost-user socket to serve (the card is the server; the VMM connects).
+    #[arg(long)]
+    socket: PathBuf,
+    /// The volume's backing file (or block device). Never truncated.
+    #[arg(long)]
+    backing: PathBuf,
+    /// Capacity in bytes (suffixes K, M, G, T accepted); grows the file
+    /// sparsely if larger, refused if smaller than it. Default: the file's length.
+    #[arg(long, value_parser = parse_size)]
+    size: Option<u64>,
+    /// Number of virtqueues (request queues), 1–64.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64))]
+    num_queues: u16,
+    /// Largest virtqueue accepted: a power of two, 2–32768.
+    #[arg(long, default_value_t = 1024, value_parser = parse_queue_size)]
+    queue_size: u16,
+    /// Refuse writes, discards and write-zeroes (VIRTIO_BLK_F_RO).
+    #[arg(long)]
+    read_only: bool,
+    /// Open the backing file with O_DIRECT (bypass the host page cache).
+    #[arg(long)]
+    direct: bool,
+    /// Serial answered to GET_ID, at most 20 bytes of printable ASCII.
+    /// Default: "vol" and 17 hex digits derived from the backing file's path.
+    #[arg(long, value_parser = parse_serial)]
+    serial: Option<String>,
+    /// Write the card's counters as JSON to this file every second.
+    #[arg(long)]
+    metrics: Option<PathBuf>,
+}
+
+fn parse_size(text: &str) -> Result<u64, String> {
+    let text = text.trim();
+    let (digits, shift) = match text.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => {
+            let shift = match c.to_ascii_uppercase() {
+                'K' => 10,
+                'M' => 20,
+                'G' => 30,
+                'T' => 40,
+                _ => return Err(format!("unknown size suffix {c:?} (use K, M, G or T)")),
+            };
+            (&text[..i], shift)
+        }
+        _ => (text, 0),
+    };
+    let value: u64 = digits
+        .parse()
+        .map_err(|_| format!("{text:?} is not a size in bytes"))?;
+    value
+        .checked_mul(1 << shift)
+        .ok_or_else(|| format!("{text:?} is too large"))
+}
+
+fn parse_queue_size(text: &str) -> Result<u16, String> {
+    let n: u16 = text
+        .parse()
+        .map_err(|_| format!("{text:?} is not a number"))?;
+    if (2..=32768).contains(&n) && n.is_power_of_two() {
+        Ok(n)
+    } else {
+        Err(format!("{n} is not a power of two between 2 and 32768"))
+    }
+}
+
+fn parse_serial(text: &str) -> Result<String, String> {
+    if text.len() > SERIAL_LEN {
+        return Err(format!(
+            "{} bytes is longer than the {SERIAL_LEN} the virtio-blk serial holds",
+            text.len()
+        ));
+    }
+    if !text.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err("the serial must be printable ASCII without spaces".into());
+    }
+    Ok(text.to_owned())
+}
+
+/// A stable default serial in the style of an EBS volume id, so the guest
+/// sees the same serial every time the card serves this file.
+fn default_serial(backing: &std::path::Path) -> String {
+    let path = std::fs::canonicalize(backing).unwrap_or_else(|_| backing.to_owned());
+    // FNV-1a: stable across builds and platforms, unlike std's hasher.
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for byte in path.as_os_str().as_encoded_bytes() {
+        hash = (hash ^ u64::from(*byte)).wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    format!("vol0{hash:016x}")
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let args = match Args::try_parse() {
+        Ok(args) => args,
+        Err(e) => {
+            let _ = e.print();
+            return ExitCode::from(if e.use_stderr() { 2 } else { 0 });
+        }
+    };
+    match run(args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(Failure::Config(e)) => {
+            eprintln!("vhost-blk-backend: {e:#}");
+            ExitCode::from(2)
+        }
+        Err(Failure::Runtime(e)) => {
+            eprintln!("vhost-blk-backend: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+enum Failure {
+    Config(anyhow::Error),
+    Runtime(anyhow::Error),
+}
+
+fn run(args: Args) -> Result<(), Failure> {
+    let media = FileMedia::open(
+        &args.backing,
+        &MediaOptions {
+            size: args.size,
+            read_only: args.read_only,
+            direct: args.direct,
+        },
+    )
+    .map_err(|e| Failure::Config(e.into()))?;
+    let serial_text = args
+        .serial
+        .clone()
+        .unwrap_or_else(|| default_serial(&args.backing));
+    let mut serial = [0u8; SERIAL_LEN];
+    serial[..serial_text.len()].copy_from_slice(serial_text.as_bytes());
+
+    let volume = Arc::new(Volume {
+        media,
+        serial,
+        num_queues: args.num_queues,
+        queue_size: args.queue_size,
+        // Linux sizes its scatter lists from seg_max; a request's descriptors
+        // are header + data + status and must fit the queue without INDIRECT.
+        seg_max: 128.min(u32::from(args.queue_size).saturating_sub(2)).max(1),
+        metrics: BlockMetrics::new(args.num_queues as usize),
+    });
+    if let Some(path) = args.metrics.clone() {
+        let v = volume.clone();
+        metrics::spawn_writer(path.clone(), Duration::from_secs(1), move || {
+            v.metrics.snapshot()
+        })
+        .with_context(|| format!("cannot write metrics to {}", path.display()))
+        .map_err(Failure::Config)?;
+    }
+
+    let socket = args.socket.clone();
+    let announce = {
+        let volume = volume.clone();
+        let serial = serial_text.clone();
+        move || {
+            tracing::info!(
+                socket = %socket.display(),
+                backing = %volume.media.path().display(),
+                capacity = volume.media.capacity(),
+                queues = volume.num_queues,
+                read_only = volume.media.read_only(),
+                serial,
+                "block card listening"
+            );
+        }
+    };
+    vhost::serve_forever(
+        "vhost-blk-backend",
+        &args.socket,
+        |memory| BlockDevice::new(volume.clone(), memory).map_err(|e| e.to_string()),
+        announce,
+    )
+    .map_err(|e| match e {
+        vhost::ServeError::SocketPath(_) | vhost::ServeError::Listen { .. } => {
+            Failure::Config(e.into())
+        }
+        other => Failure::Runtime(other.into()),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_take_binary_suffixes() {
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert_eq!(parse_size("1G"), Ok(1 << 30));
+        assert_eq!(parse_size("8m"), Ok(8 << 20));
+        assert!(parse_size("1X").is_err());
+        assert!(parse_size("99999999999T").is_err());
+        assert!(parse_size("").is_err());
+    }
+
+    #[test]
+    fn queue_sizes_are_powers_of_two() {
+        assert_eq!(parse_queue_size("256"), Ok(256));
+        assert!(parse_queue_size("100").is_err());
+        assert!(parse_queue_size("1").is_err());
+    }
+
+    #[test]
+    fn serials_fit_the_field() {
+        assert!(parse_serial("vol0123456789abcdef0").is_ok());
+        assert!(parse_serial("vol0123456789abcdef01").is_err());
+        assert!(parse_serial("has space").is_err());
+        assert_eq!(default_serial(std::path::Path::new("/x")).len(), SERIAL_LEN);
+    }
+}

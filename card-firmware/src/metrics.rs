@@ -1,0 +1,53 @@
+//! Publishing a card's metrics.
+//!
+//! Like Firecracker, a card writes its counters as one JSON document to a path
+//! it was given, every interval and on request. The document is replaced
+//! atomically (write, then rename), so a reader never sees half of it.
+
+use std::path::{Path, PathBuf};
+use std::thread;
+use std::time::Duration;
+
+/// Writes `snapshot()` to `path` now, atomically.
+pub fn write_snapshot(path: &Path, snapshot: &serde_json::Value) -> std::io::Result<()> {
+    let mut tmp: PathBuf = path.to_owned();
+    tmp.as_mut_os_string().push(".tmp");
+    let mut text = serde_json::to_string_pretty(snapshot)?;
+    text.push('\n');
+    std::fs::write(&tmp, text)?;
+    std::fs::rename(&tmp, path)
+}
+
+/// Starts a thread that writes `snapshot()` to `path` every `interval`.
+pub fn spawn_writer<F>(path: PathBuf, interval: Duration, snapshot: F) -> std::io::Result<()>
+where
+    F: Fn() -> serde_json::Value + Send + 'static,
+{
+    write_snapshot(&path, &snapshot())?;
+    thread::Builder::new()
+        .name("metrics".into())
+        .spawn(move || loop {
+            thread::sleep(interval);
+            if let Err(e) = write_snapshot(&path, &snapshot()) {
+                tracing::warn!(path = %path.display(), error = %e, "cannot write metrics");
+            }
+        })?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn snapshot_is_replaced_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.json");
+        write_snapshot(&path, &serde_json::json!({"a": 1})).unwrap();
+        write_snapshot(&path, &serde_json::json!({"a": 2})).unwrap();
+        let v: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        assert_eq!(v["a"], 2);
+        assert!(!dir.path().join("m.json.tmp").exists());
+    }
+}
