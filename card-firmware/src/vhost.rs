@@ -95,7 +95,10 @@ where
         connection += 1;
         tracing::info!(connection, "VMM connected");
         match daemon.wait() {
-            Ok(()) => tracing::info!(connection, "VMM disconnected"),
+            Ok(())
+            | Err(vhost_user_backend::Error::HandleRequest(
+                vhost::vhost_user::Error::Disconnected | vhost::vhost_user::Error::PartialMessage,
+            )) => tracing::info!(connection, "VMM disconnected"),
             Err(e) => tracing::warn!(connection, error = %e, "VMM connection ended"),
         }
         backend.quiesce();

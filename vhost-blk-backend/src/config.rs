@@ -9,8 +9,15 @@ use card_firmware::media::SECTOR_SIZE;
 
 use crate::Volume;
 
-/// The largest single data buffer we advertise (size_max): 1 MiB.
-pub const SIZE_MAX: u32 = 1 << 20;
+/// The largest single data buffer we advertise (size_max): 128 KiB.
+///
+/// SeaBIOS splits a disk read into chunks of `(u16)(size_max * seg_max /
+/// blk_size)` sectors; when that product overflows 16 bits the chunk is zero
+/// sectors and the firmware loops forever on empty reads before Linux ever
+/// boots. 128 KiB × seg_max 128 / 512 = 32768 stays inside it.
+pub const SIZE_MAX: u32 = 128 << 10;
+/// The most data segments per request we ever advertise (seg_max).
+pub const MAX_SEG_MAX: u32 = 128;
 /// The largest discard / write-zeroes range, in sectors: 1 GiB.
 pub const MAX_RANGE_SECTORS: u32 = (1 << 30) / SECTOR_SIZE as u32;
 
@@ -74,4 +81,15 @@ pub fn read_config(volume: &Volume, offset: u32, size: u32) -> Vec<u8> {
     let mut space = [0u8; MAX_CONFIG_LEN];
     space[..CONFIG_LEN].copy_from_slice(&config_space(volume));
     space[start..end].to_vec()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn seabios_chunk_size_does_not_wrap() {
+        let sectors = u64::from(SIZE_MAX) * u64::from(MAX_SEG_MAX) / SECTOR_SIZE;
+        assert!(sectors > 0 && sectors <= u64::from(u16::MAX), "{sectors}");
+    }
 }

@@ -14,6 +14,7 @@ use clap::Parser;
 
 use card_firmware::media::{FileMedia, MediaOptions};
 use card_firmware::{metrics, vhost};
+use vhost_blk_backend::config;
 use vhost_blk_backend::device::BlockDevice;
 use vhost_blk_backend::metrics::BlockMetrics;
 use vhost_blk_backend::{Volume, SERIAL_LEN};
@@ -170,7 +171,9 @@ fn run(args: Args) -> Result<(), Failure> {
         queue_size: args.queue_size,
         // Linux sizes its scatter lists from seg_max; a request's descriptors
         // are header + data + status and must fit the queue without INDIRECT.
-        seg_max: 128.min(u32::from(args.queue_size).saturating_sub(2)).max(1),
+        seg_max: config::MAX_SEG_MAX
+            .min(u32::from(args.queue_size).saturating_sub(2))
+            .max(1),
         metrics: BlockMetrics::new(args.num_queues as usize),
     });
     if let Some(path) = args.metrics.clone() {

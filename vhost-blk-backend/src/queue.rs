@@ -187,7 +187,10 @@ impl QueueWorker {
         let parsed = request::parse(chain, memory, volume, &mut self.scratch, &mut slot.iovecs);
         match parsed {
             Err(refused) => self.refuse(head, refused, memory),
-            Ok(request) => self.submit(head, request, memory),
+            Ok(request) => {
+                tracing::trace!(queue = self.index, head, ?request, "request");
+                self.submit(head, request, memory)
+            }
         }
     }
 

@@ -1,1 +1,141 @@
-fn main() {}
+//! cardsim's developer commands. `cargo xtask --help` lists them.
+
+mod demo;
+mod deps;
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+use std::process::{Command, ExitCode};
+
+#[derive(Parser)]
+#[command(name = "cargo xtask", about = "cardsim developer commands")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Install the Debian packages the tests need and prepare QEMU 11.1 from
+    /// trixie-backports in the cache folder.
+    Deps,
+    /// Build (or reuse) the guest kernel + initramfs and print their paths.
+    GuestImage,
+    /// deps, guest-image, build the binaries, then run the tests (nextest if
+    /// installed, else cargo test). Extra arguments go to the test runner.
+    Test {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Build release binaries and run the demo.
+    Demo,
+}
+
+/// An error that should end the process with a specific code, after one
+/// clear line on stderr (e.g. "run this as root").
+#[derive(Debug)]
+pub struct Exit {
+    pub code: u8,
+    pub message: String,
+}
+
+impl std::fmt::Display for Exit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for Exit {}
+
+fn main() -> ExitCode {
+    // clap exits 2 on usage errors by itself.
+    let cli = Cli::parse();
+    match run(cli.cmd) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            if let Some(exit) = e.downcast_ref::<Exit>() {
+                eprintln!("xtask: {exit}");
+                return ExitCode::from(exit.code);
+            }
+            eprintln!("xtask: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cmd: Cmd) -> Result<()> {
+    match cmd {
+        Cmd::Deps => deps::run(),
+        Cmd::GuestImage => guest_image(),
+        Cmd::Test { args } => test(&args),
+        Cmd::Demo => {
+            cargo(&["build", "--release", "--workspace", "--bins"])?;
+            demo::run_demo()
+        }
+    }
+}
+
+fn guest_image() -> Result<()> {
+    let started = std::time::Instant::now();
+    let image = cardsim_tests::guest_image()?;
+    let size = std::fs::metadata(&image.initramfs)?.len();
+    println!(
+        "kernel     {} ({})",
+        image.kernel.display(),
+        image.kernel_version
+    );
+    println!(
+        "initramfs  {} ({} MiB)",
+        image.initramfs.display(),
+        size >> 20
+    );
+    println!("modules    {}", image.modules.join(" "));
+    println!("cmdline    {}", image.cmdline);
+    eprintln!("(took {:.1?})", started.elapsed());
+    Ok(())
+}
+
+fn test(args: &[String]) -> Result<()> {
+    deps::run()?;
+    guest_image()?;
+    cargo(&["build", "--workspace", "--bins"])?;
+    let nextest = Command::new(cargo_bin())
+        .args(["nextest", "--version"])
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
+    let mut cmd: Vec<&str> = if nextest {
+        vec!["nextest", "run", "--workspace"]
+    } else {
+        eprintln!(
+            "xtask: cargo-nextest not installed; using cargo test (guest tests run one at a time)"
+        );
+        vec!["test", "--workspace"]
+    };
+    cmd.extend(args.iter().map(String::as_str));
+    if !nextest {
+        // cargo test runs a binary's tests in parallel; guests must not share
+        // the 2 cores. Keep the user's args before any `--` intact.
+        if !args.iter().any(|a| a == "--") {
+            cmd.push("--");
+        }
+        cmd.push("--test-threads=1");
+    }
+    cargo(&cmd)
+}
+
+fn cargo_bin() -> String {
+    std::env::var("CARGO").unwrap_or_else(|_| "cargo".into())
+}
+
+fn cargo(args: &[&str]) -> Result<()> {
+    let status = Command::new(cargo_bin())
+        .args(args)
+        .current_dir(cardsim_tests::workspace_root())
+        .status()
+        .with_context(|| format!("running cargo {}", args.join(" ")))?;
+    if !status.success() {
+        bail!("cargo {} failed ({status})", args.join(" "));
+    }
+    Ok(())
+}
