@@ -8,7 +8,11 @@ use clap::{Parser, Subcommand};
 use std::process::{Command, ExitCode};
 
 #[derive(Parser)]
-#[command(name = "cargo xtask", about = "cardsim developer commands")]
+#[command(
+    name = "xtask",
+    bin_name = "cargo xtask",
+    about = "cardsim developer commands"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
