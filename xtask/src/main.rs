@@ -25,7 +25,7 @@ enum Cmd {
     Deps,
     /// Build (or reuse) the guest kernel + initramfs and print their paths.
     GuestImage,
-    /// deps, guest-image, build the binaries, then run the tests (nextest if
+    /// deps, guest-image, fmt and clippy, build the binaries, then run the tests (nextest if
     /// installed, else cargo test). Extra arguments go to the test runner.
     Test {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
@@ -102,6 +102,16 @@ fn guest_image() -> Result<()> {
 fn test(args: &[String]) -> Result<()> {
     deps::run()?;
     guest_image()?;
+    // The project's standards are part of the suite.
+    cargo(&["fmt", "--all", "--check"])?;
+    cargo(&[
+        "clippy",
+        "--workspace",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ])?;
     cargo(&["build", "--workspace", "--bins"])?;
     let nextest = Command::new(cargo_bin())
         .args(["nextest", "--version"])
