@@ -58,9 +58,16 @@ pub fn guest_image() -> Result<GuestImage> {
     }
     let busybox = find_program("busybox", &["/usr/bin/busybox", "/bin/busybox"])?;
     files.insert("usr/bin/busybox".into(), Source::File(busybox.clone()));
-    for prog in ["fio", "iperf3"] {
-        let path = find_program(prog, &[])?;
-        files.insert(format!("usr/bin/{prog}"), Source::File(path.clone()));
+    // util-linux's blkdiscard sits beside busybox's: only it has -z
+    // (BLKZEROOUT, which makes the guest send WRITE_ZEROES). Busybox's shell
+    // prefers its own applets, so scripts call it as /usr/sbin/blkdiscard.
+    for (prog, dest) in [
+        ("fio", "usr/bin/fio"),
+        ("iperf3", "usr/bin/iperf3"),
+        ("blkdiscard", "usr/sbin/blkdiscard"),
+    ] {
+        let path = find_program(prog, &["/usr/sbin/blkdiscard", "/sbin/blkdiscard"])?;
+        files.insert(dest.to_string(), Source::File(path.clone()));
         for lib in shared_libs(&path)? {
             files.insert(lib.0, Source::File(lib.1));
         }

@@ -90,8 +90,8 @@ fn total_dirty(backing: &Path) -> Result<usize> {
 }
 
 /// fio with verification on both queues, known blocks that must reach the
-/// file, a flush that must leave nothing dirty on the host, a discard that
-/// must read back as zeros.
+/// file, a flush that must leave nothing dirty on the host, a discard and a
+/// write-zeroes that must read back as zeros.
 fn guest_io_through_the_card(vmm: Vmm) -> Result<()> {
     let dir = scratch()?;
     let backing = backing_file(dir.path())?;
@@ -128,6 +128,11 @@ zeros=$(head -c {discard_len} /dev/zero | md5sum)
 got=$(dd if=/dev/vda bs=65536 skip={discard_seek} count={discard_count} iflag=direct | md5sum)
 [ "$zeros" = "$got" ] || {{ echo "discarded range does not read as zeros"; exit 1; }}
 echo CARDSIM-STEP-DISCARDED
+dd if=/tmp/d of=/dev/vda bs=65536 seek={discard_seek} oflag=direct
+/usr/sbin/blkdiscard -z -o {discard_offset} -l {discard_len} /dev/vda
+got=$(dd if=/dev/vda bs=65536 skip={discard_seek} count={discard_count} iflag=direct | md5sum)
+[ "$zeros" = "$got" ] || {{ echo "zeroed range does not read as zeros"; exit 1; }}
+echo CARDSIM-STEP-ZEROED
 "#,
         discard_offset = DISCARD_OFFSET,
         discard_len = DISCARD_LEN,
@@ -198,6 +203,7 @@ echo CARDSIM-STEP-DISCARDED
     ensure!(total["media_errors"] == 0, "{metrics}");
     ensure!(total["flush_ops"].as_u64() >= Some(1), "{metrics}");
     ensure!(total["discard_ops"].as_u64() >= Some(1), "{metrics}");
+    ensure!(total["write_zeroes_ops"].as_u64() >= Some(1), "{metrics}");
     ensure!(total["get_id_ops"].as_u64() >= Some(1), "{metrics}");
     Ok(())
 }
