@@ -4,6 +4,8 @@
 //! or vfio-user) and does its I/O on io_uring. This crate holds the parts that
 //! do not depend on which device the guest sees:
 //!
+//! - [`control`]: a card-local control socket (JSON lines), until the
+//!   control plane talks to cards;
 //! - [`media`]: volume media (a local file) and the io_uring operations on it;
 //! - [`ring`]: a per-queue io_uring whose completions wake an eventfd, so a
 //!   queue worker waits on its kicks and its completions in one place;
@@ -14,9 +16,12 @@
 //! - [`metrics`]: periodic JSON snapshots of a card's counters;
 //! - [`warn`]: rate-limited warnings, so a hostile guest cannot flood the log.
 
+pub mod control;
 pub mod media;
 pub mod metrics;
+pub mod middle;
 pub mod ring;
 pub mod socket;
+pub mod timer;
 pub mod vhost;
 pub mod warn;

@@ -69,6 +69,9 @@ pub struct MediaOptions {
 #[derive(Debug)]
 pub struct FileMedia {
     file: File,
+    /// A page-cache descriptor of the same file, for the few synchronous
+    /// reads the middle makes (the power-cut log); `file` itself may be O_DIRECT.
+    buffered: File,
     path: PathBuf,
     capacity: u64,
     read_only: bool,
@@ -147,8 +150,14 @@ impl FileMedia {
         if capacity == 0 {
             return Err(MediaError::BadSize(actual));
         }
+        let buffered = if options.direct {
+            OpenOptions::new().read(true).open(path).map_err(io_err)?
+        } else {
+            file.try_clone().map_err(io_err)?
+        };
         Ok(Self {
             file,
+            buffered,
             path: path.to_owned(),
             capacity,
             read_only: options.read_only,
@@ -166,6 +175,11 @@ impl FileMedia {
 
     pub fn read_only(&self) -> bool {
         self.read_only
+    }
+
+    /// The file through the page cache, for synchronous reads.
+    pub fn buffered(&self) -> &File {
+        &self.buffered
     }
 
     fn fd(&self) -> types::Fd {

@@ -1,7 +1,7 @@
 //! The block card as the VMM sees it: a vhost-user-blk backend.
 //!
 //! One worker thread per virtqueue (queues_per_thread); each waits on its
-//! queue's kick eventfd and its io_uring's completion eventfd. A new
+//! queue's kick eventfd, its io_uring's completion eventfd and its timer. A new
 //! `BlockDevice` is made for every VMM connection; the [`Volume`] it serves
 //! outlives them all.
 
@@ -25,6 +25,11 @@ use crate::Volume;
 /// vhost-user layer reserves (one per queue, plus its own exit event).
 fn completion_event(num_queues: usize) -> u16 {
     num_queues as u16 + 1
+}
+
+/// The event id of a queue's timer.
+fn timer_event(num_queues: usize) -> u16 {
+    num_queues as u16 + 2
 }
 
 pub struct BlockDevice {
@@ -119,6 +124,8 @@ impl VhostUserBackend for BlockDevice {
             worker.on_kick(vring);
         } else if device_event == completion_event(self.workers.len()) {
             worker.on_completions(vring);
+        } else if device_event == timer_event(self.workers.len()) {
+            worker.on_timer(vring);
         } else {
             return Err(io::Error::from_raw_os_error(libc::EINVAL));
         }
@@ -128,12 +135,16 @@ impl VhostUserBackend for BlockDevice {
 
 impl CardBackend for BlockDevice {
     fn listeners(&self) -> Vec<(usize, RawFd, u64)> {
-        let id = u64::from(completion_event(self.workers.len()));
-        self.workers
-            .iter()
-            .enumerate()
-            .filter_map(|(q, w)| w.lock().ok().map(|w| (q, w.completion_fd(), id)))
-            .collect()
+        let completions = u64::from(completion_event(self.workers.len()));
+        let timer = u64::from(timer_event(self.workers.len()));
+        let mut listeners = Vec::new();
+        for (q, worker) in self.workers.iter().enumerate() {
+            if let Ok(w) = worker.lock() {
+                listeners.push((q, w.completion_fd(), completions));
+                listeners.push((q, w.timer_fd(), timer));
+            }
+        }
+        listeners
     }
 
     fn quiesce(&self) {

@@ -3,16 +3,19 @@
 //! Layers, top-down: [`device`] is what the VMM negotiates with (features,
 //! config space, queues); [`queue`] runs one virtqueue against the media;
 //! [`request`] checks each guest request before anything acts on it;
-//! [`metrics`] counts what happened. The media itself comes from
-//! `card_firmware::media`.
+//! [`metrics`] counts what happened; [`control`] answers the card's control
+//! socket. The middle (faults, throttling, latency) and the media come from
+//! `card_firmware`.
 
 pub mod config;
+pub mod control;
 pub mod device;
 pub mod metrics;
 pub mod queue;
 pub mod request;
 
 use card_firmware::media::FileMedia;
+use card_firmware::middle::Middle;
 
 use crate::metrics::BlockMetrics;
 
@@ -31,4 +34,27 @@ pub struct Volume {
     /// The most data segments in one request (advertised as seg_max).
     pub seg_max: u32,
     pub metrics: BlockMetrics,
+    /// Faults, EBS throttling and modelled latency, shared by every queue.
+    pub middle: Middle,
+}
+
+impl Volume {
+    /// Everything the card counts, as the metrics file and the control
+    /// socket show it: the card's counters, the middle's, and the volume's
+    /// figures in CloudWatch's names.
+    pub fn snapshot(&self) -> serde_json::Value {
+        use std::sync::atomic::Ordering::Relaxed;
+        let mut snapshot = self.metrics.snapshot();
+        let c = &self.middle.counters;
+        snapshot["middle"] = serde_json::json!({
+            "throttled": c.throttled.load(Relaxed),
+            "fault_errors": c.fault_errors.load(Relaxed),
+            "fault_delays": c.fault_delays.load(Relaxed),
+            "fault_stalls": c.fault_stalls.load(Relaxed),
+        });
+        if let Some(volume) = self.middle.volume_metrics() {
+            snapshot["cloudwatch"] = serde_json::to_value(volume).unwrap_or_default();
+        }
+        snapshot
+    }
 }

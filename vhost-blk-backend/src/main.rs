@@ -13,8 +13,12 @@ use anyhow::Context;
 use clap::Parser;
 
 use card_firmware::media::{FileMedia, MediaOptions};
-use card_firmware::{metrics, vhost};
+use card_firmware::middle::{Latency, Middle, MiddleConfig};
+use card_firmware::{control, metrics, vhost};
+use hw_model::ebs::{VolumeSpec, VolumeType};
+use hw_model::fault::{FaultKind, FaultSpec};
 use vhost_blk_backend::config;
+use vhost_blk_backend::control::BlockControl;
 use vhost_blk_backend::device::BlockDevice;
 use vhost_blk_backend::metrics::BlockMetrics;
 use vhost_blk_backend::{Volume, SERIAL_LEN};
@@ -54,6 +58,48 @@ struct Args {
     /// Write the card's counters as JSON to this file every second.
     #[arg(long)]
     metrics: Option<PathBuf>,
+    /// EBS volume type to model: throttling, burst credits, CloudWatch metrics.
+    #[arg(long, value_parser = parse_volume_type)]
+    volume_type: Option<VolumeType>,
+    /// Provisioned IOPS (gp3, io1, io2).
+    #[arg(long, requires = "volume_type")]
+    iops: Option<u64>,
+    /// Provisioned throughput in MiB/s (gp3).
+    #[arg(long, requires = "volume_type")]
+    throughput: Option<u64>,
+    /// Service time to add to each I/O: `ebs` (a network hop) or `none`.
+    #[arg(long, default_value = "none", value_parser = parse_latency)]
+    latency_model: Latency,
+    /// Burst credits move this many times faster than wall time, so a burst
+    /// bucket drains in seconds (IOPS limits are unchanged).
+    #[arg(long, default_value_t = 1.0)]
+    time_scale: f64,
+    /// Seed of every random choice the card makes (latency, faults).
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// A fault to apply from the start, e.g. `kind=io_error,range=0-1M`
+    /// (repeatable; see the README for every kind and key).
+    #[arg(long = "fault", value_parser = parse_fault)]
+    faults: Vec<FaultSpec>,
+    /// A control socket (0600) for faults and metrics while the card runs.
+    #[arg(long)]
+    control: Option<PathBuf>,
+}
+
+fn parse_volume_type(text: &str) -> Result<VolumeType, String> {
+    text.parse().map_err(|e| format!("{e}"))
+}
+
+fn parse_latency(text: &str) -> Result<Latency, String> {
+    match text {
+        "ebs" => Ok(Latency::Ebs),
+        "none" => Ok(Latency::None),
+        other => Err(format!("unknown latency model {other:?} (ebs or none)")),
+    }
+}
+
+fn parse_fault(text: &str) -> Result<FaultSpec, String> {
+    text.parse().map_err(|e| format!("{e}"))
 }
 
 fn parse_size(text: &str) -> Result<u64, String> {
@@ -164,6 +210,24 @@ fn run(args: Args) -> Result<(), Failure> {
     let mut serial = [0u8; SERIAL_LEN];
     serial[..serial_text.len()].copy_from_slice(serial_text.as_bytes());
 
+    let middle = Middle::new(&MiddleConfig {
+        volume: args.volume_type.map(|volume_type| VolumeSpec {
+            volume_type,
+            size_bytes: media.capacity(),
+            iops: args.iops,
+            throughput_mibps: args.throughput,
+        }),
+        latency: args.latency_model,
+        time_scale: args.time_scale,
+        seed: args.seed,
+    })
+    .map_err(|e| Failure::Config(e.into()))?;
+    for fault in &args.faults {
+        middle
+            .add_fault(fault.clone())
+            .map_err(|e| Failure::Config(anyhow::anyhow!("--fault: {e}")))?;
+    }
+
     let volume = Arc::new(Volume {
         media,
         serial,
@@ -175,14 +239,23 @@ fn run(args: Args) -> Result<(), Failure> {
             .min(u32::from(args.queue_size).saturating_sub(2))
             .max(1),
         metrics: BlockMetrics::new(args.num_queues as usize),
+        middle,
     });
+    if let Some(path) = &args.control {
+        control::spawn(
+            path,
+            Arc::new(BlockControl {
+                volume: volume.clone(),
+            }),
+        )
+        .map_err(|e| Failure::Config(e.into()))?;
+    }
+    spawn_fault_events(volume.clone()).map_err(|e| Failure::Runtime(e.into()))?;
     if let Some(path) = args.metrics.clone() {
         let v = volume.clone();
-        metrics::spawn_writer(path.clone(), Duration::from_secs(1), move || {
-            v.metrics.snapshot()
-        })
-        .with_context(|| format!("cannot write metrics to {}", path.display()))
-        .map_err(Failure::Config)?;
+        metrics::spawn_writer(path.clone(), Duration::from_secs(1), move || v.snapshot())
+            .with_context(|| format!("cannot write metrics to {}", path.display()))
+            .map_err(Failure::Config)?;
     }
 
     let socket = args.socket.clone();
@@ -214,6 +287,43 @@ fn run(args: Args) -> Result<(), Failure> {
         other => Failure::Runtime(other.into()),
     })
 }
+
+/// Fires power cuts and crashes when their time comes, whether or not the
+/// guest is doing I/O.
+fn spawn_fault_events(volume: Arc<Volume>) -> std::io::Result<()> {
+    std::thread::Builder::new()
+        .name("fault-events".into())
+        .spawn(move || loop {
+            for event in volume.middle.due_events() {
+                match event.kind {
+                    FaultKind::PowerCut { .. } => {
+                        match volume.middle.power_cut(&event, volume.media.path()) {
+                            Ok(dropped) => tracing::warn!(
+                                id = event.id,
+                                dropped,
+                                "power cut: writes since the last flush taken back; card going down"
+                            ),
+                            Err(e) => {
+                                tracing::error!(id = event.id, error = %e, "power cut failed")
+                            }
+                        }
+                        // SAFETY: ends the process at once, as a power cut would.
+                        unsafe { libc::_exit(POWER_CUT_EXIT) };
+                    }
+                    FaultKind::Crash => {
+                        tracing::warn!(id = event.id, "crash fault: card aborting");
+                        std::process::abort();
+                    }
+                    _ => {}
+                }
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        })
+        .map(|_| ())
+}
+
+/// Exit status of a card taken down by a power-cut fault.
+const POWER_CUT_EXIT: i32 = 75;
 
 #[cfg(test)]
 mod tests {

@@ -1,27 +1,38 @@
 //! A virtqueue's worker: turns available descriptor chains into io_uring
 //! operations on the media and completed operations into used entries.
 //!
-//! One worker per virtqueue, driven by one thread: on a kick it drains the
-//! available ring, queues one io_uring entry per request and enters them all
-//! with one system call; on a completion wake-up it reaps every finished
-//! operation, writes each status, publishes the used entries and signals the
-//! guest once (the virtqueue decides whether EVENT_IDX suppresses it).
+//! One worker per virtqueue, driven by one thread that wakes for three
+//! things: a kick (drain the available ring, queue one io_uring entry per
+//! request, enter them all with one system call), completions (reap them all,
+//! write each status, publish the used entries, signal the guest once —
+//! the virtqueue decides whether EVENT_IDX suppresses it), and its timer.
 //!
-//! Requests in flight are kept in slots indexed by their chain's head index:
-//! a head cannot be reused by the guest before we return it, so a queue of N
-//! entries needs N slots, all allocated when the queue starts.
+//! Between parsing and the media sits the card's middle (faults, EBS
+//! throttling, modelled latency): a throttled request waits in a FIFO until
+//! the volume model lets it go; a request whose modelled service time has not
+//! passed when the media finishes is held until it has. The timer wakes the
+//! worker for both.
+//!
+//! Requests are kept in slots indexed by their chain's head index: a head
+//! cannot be reused by the guest before we return it, so a queue of N entries
+//! needs N slots, all allocated when the queue starts.
 
+use std::collections::VecDeque;
 use std::sync::Arc;
+use std::time::Instant;
 
 use card_firmware::media::FileMedia;
+use card_firmware::middle::Admission;
 use card_firmware::ring::{Completion, QueueRing};
+use card_firmware::timer::Timer;
 use card_firmware::vhost::{GuestMemory, Vring};
 use card_firmware::warn::WarnLimiter;
 use card_firmware::warn_limited;
+use hw_model::ebs::IoDirection;
 use vhost_user_backend::{VringStateMutGuard, VringT};
 use virtio_bindings::virtio_blk::{VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP};
 use virtio_queue::{DescriptorChain, QueueT};
-use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddressSpace, GuestMemoryMmap};
 
 use crate::metrics::QueueMetrics;
 use crate::request::{self, IoVecs, Refused, Request, RequestKind, Scratch};
@@ -30,15 +41,33 @@ use crate::Volume;
 static BAD_REQUEST_WARNINGS: WarnLimiter = WarnLimiter::new(1000);
 static MEDIA_ERROR_WARNINGS: WarnLimiter = WarnLimiter::new(1000);
 
-/// A request the media is working on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum SlotState {
+    Free,
+    /// Waiting in the throttle FIFO.
+    Throttled,
+    /// The media is working on it.
+    InFlight,
+    /// The media is done; the completion waits for its modelled time.
+    Held,
+}
+
+/// One request between the guest making it available and us returning it.
 struct Slot {
-    in_flight: bool,
-    kind: RequestKind,
-    /// Bytes a read or write must transfer to succeed.
-    expected: u64,
-    status: GuestAddress,
+    state: SlotState,
+    request: Option<Request>,
+    /// Whether the media did what was asked.
+    ok: bool,
     /// The used length to report on success.
     used_len: u32,
+    /// Not to be completed before this instant (modelled latency, stalls).
+    not_before: Option<Instant>,
+    /// An injected stall holds it until the fault ends or is cleared.
+    stalled: bool,
+    /// Told the middle it was admitted (so it is told of the completion).
+    admitted: bool,
+    /// The power-cut log position a flush covers.
+    flush_position: u64,
     iovecs: IoVecs,
     /// The guest memory the iovecs point into, kept mapped until completion.
     memory: Option<Arc<GuestMemoryMmap>>,
@@ -49,13 +78,28 @@ pub struct QueueWorker {
     volume: Arc<Volume>,
     memory: GuestMemory,
     ring: QueueRing,
+    timer: Timer,
     slots: Vec<Slot>,
     scratch: Scratch,
+    /// Heads waiting for the volume's throttle, oldest first.
+    throttled: VecDeque<u16>,
+    /// Heads whose completion is being held.
+    held: Vec<u16>,
     /// Heads finished and waiting to be published, with their used lengths.
     finished: Vec<(u16, u32)>,
+    /// Completions being processed (kept to avoid allocating per batch).
+    completions: Vec<Completion>,
     /// The vring this worker serves, known from its first event; needed when
     /// the VMM stops the queue from another thread.
     vring: Option<Vring>,
+}
+
+fn direction(kind: RequestKind) -> Option<IoDirection> {
+    match kind {
+        RequestKind::Read => Some(IoDirection::Read),
+        RequestKind::Write => Some(IoDirection::Write),
+        _ => None,
+    }
 }
 
 impl QueueWorker {
@@ -64,11 +108,14 @@ impl QueueWorker {
         let seg_max = volume.seg_max as usize;
         let slots = (0..queue_size)
             .map(|_| Slot {
-                in_flight: false,
-                kind: RequestKind::Flush,
-                expected: 0,
-                status: GuestAddress(0),
+                state: SlotState::Free,
+                request: None,
+                ok: false,
                 used_len: 0,
+                not_before: None,
+                stalled: false,
+                admitted: false,
+                flush_position: 0,
                 // A buffer may straddle two guest memory regions.
                 iovecs: IoVecs::with_capacity(seg_max * 2),
                 memory: None,
@@ -77,11 +124,15 @@ impl QueueWorker {
         Ok(Self {
             index,
             ring: QueueRing::new(volume.queue_size as u32)?,
+            timer: Timer::new()?,
             memory,
             slots,
             // header + data + status
             scratch: Scratch::new(seg_max + 2),
+            throttled: VecDeque::with_capacity(queue_size),
+            held: Vec::with_capacity(queue_size),
             finished: Vec::with_capacity(queue_size),
+            completions: Vec::with_capacity(queue_size),
             volume,
             vring: None,
         })
@@ -89,6 +140,10 @@ impl QueueWorker {
 
     pub fn completion_fd(&self) -> std::os::unix::io::RawFd {
         self.ring.completion_fd()
+    }
+
+    pub fn timer_fd(&self) -> std::os::unix::io::RawFd {
+        self.timer.fd()
     }
 
     fn metrics(&self) -> &QueueMetrics {
@@ -121,9 +176,7 @@ impl QueueWorker {
                 }
             }
         }
-        if let Err(e) = self.ring.submit() {
-            tracing::error!(queue = self.index, error = %e, "io_uring submit failed");
-        }
+        self.submit_batch();
         self.publish(&mut state, &memory);
     }
 
@@ -136,10 +189,29 @@ impl QueueWorker {
         self.publish(&mut state, &memory);
     }
 
+    /// The timer fired: release held completions and throttled requests
+    /// whose time has come.
+    pub fn on_timer(&mut self, vring: &Vring) {
+        self.remember(vring);
+        self.timer.clear();
+        self.service_timers();
+        self.submit_batch();
+        let memory = self.memory.memory().into_inner();
+        let mut state = vring.get_mut();
+        self.publish(&mut state, &memory);
+    }
+
     /// The VMM is stopping the queue (GET_VRING_BASE): everything accepted
-    /// must complete and be published before we return its position.
+    /// must complete and be published before we return its position, so
+    /// throttled requests go to the media now and held ones complete now.
     pub fn stop(&mut self) {
+        while let Some(head) = self.throttled.pop_front() {
+            self.submit_to_media(head);
+        }
         self.drain();
+        for head in std::mem::take(&mut self.held) {
+            self.finish(head);
+        }
         if let Some(vring) = self.vring.clone() {
             let memory = self.memory.memory().into_inner();
             let mut state = vring.get_mut();
@@ -151,6 +223,12 @@ impl QueueWorker {
     /// The VMM went away: wait for the media, publish nothing.
     pub fn quiesce(&mut self) {
         self.drain();
+        for slot in &mut self.slots {
+            slot.state = SlotState::Free;
+            slot.memory = None;
+        }
+        self.throttled.clear();
+        self.held.clear();
         self.finished.clear();
         self.vring = None;
     }
@@ -158,6 +236,12 @@ impl QueueWorker {
     fn remember(&mut self, vring: &Vring) {
         if self.vring.is_none() {
             self.vring = Some(vring.clone());
+        }
+    }
+
+    fn submit_batch(&mut self) {
+        if let Err(e) = self.ring.submit() {
+            tracing::error!(queue = self.index, error = %e, "io_uring submit failed");
         }
     }
 
@@ -172,7 +256,7 @@ impl QueueWorker {
             // virtio-queue only yields heads below the queue size.
             return;
         };
-        if slot.in_flight {
+        if slot.state != SlotState::Free {
             // The guest made a chain available twice; the first one still
             // owns the head and will complete it.
             QueueMetrics::count(&self.volume.metrics.queues[self.index].duplicate_heads, 1);
@@ -184,12 +268,16 @@ impl QueueWorker {
             );
             return;
         }
-        let parsed = request::parse(chain, memory, volume, &mut self.scratch, &mut slot.iovecs);
-        match parsed {
+        match request::parse(chain, memory, volume, &mut self.scratch, &mut slot.iovecs) {
             Err(refused) => self.refuse(head, refused, memory),
             Ok(request) => {
                 tracing::trace!(queue = self.index, head, ?request, "request");
-                self.submit(head, request, memory)
+                slot.request = Some(request);
+                slot.memory = Some(memory.clone());
+                slot.not_before = None;
+                slot.stalled = false;
+                slot.admitted = false;
+                self.dispatch(head);
             }
         }
     }
@@ -209,36 +297,101 @@ impl QueueWorker {
         self.finished.push((head, used_len));
     }
 
-    fn submit(&mut self, head: u16, request: Request, memory: &Arc<GuestMemoryMmap>) {
-        let media: &FileMedia = &self.volume.media;
+    /// Routes a parsed request: answered at once, through the middle, or
+    /// straight to the media.
+    fn dispatch(&mut self, head: u16) {
         let slot = &mut self.slots[head as usize];
-        slot.kind = request.kind;
-        slot.status = request.status;
-        slot.expected = 0;
-        slot.used_len = 1;
-        let entry = match request.kind {
+        let Some(request) = slot.request else {
+            return;
+        };
+        match request.kind {
             RequestKind::GetId => {
                 // Answered from memory: no media operation.
                 let (addr, room) = request.id_buffer.unwrap_or((request.status, 0));
                 let id = &self.volume.serial[..self.volume.serial.len().min(room as usize)];
-                let ok = memory.write_slice(id, addr).is_ok();
-                let status = if ok {
-                    VIRTIO_BLK_S_OK
-                } else {
-                    VIRTIO_BLK_S_IOERR
-                };
-                let _ = memory.write_obj(status as u8, request.status);
+                let written = slot
+                    .memory
+                    .as_ref()
+                    .is_some_and(|m| m.write_slice(id, addr).is_ok());
                 QueueMetrics::count(&self.volume.metrics.queues[self.index].get_id_ops, 1);
-                self.finished.push((head, id.len() as u32 + 1));
-                return;
+                slot.ok = written;
+                slot.used_len = id.len() as u32 + 1;
+                self.finish(head);
             }
             RequestKind::Discard | RequestKind::WriteZeroes { .. } if request.len == 0 => {
-                let _ = memory.write_obj(VIRTIO_BLK_S_OK as u8, request.status);
-                self.finished.push((head, 1));
-                return;
+                slot.ok = true;
+                slot.used_len = 1;
+                self.finish(head);
             }
+            RequestKind::Read | RequestKind::Write => {
+                if self.throttled.is_empty() {
+                    self.admit(head);
+                } else {
+                    // Keep the guest's order behind requests already waiting.
+                    slot.state = SlotState::Throttled;
+                    self.throttled.push_back(head);
+                }
+            }
+            _ => self.submit_to_media(head),
+        }
+    }
+
+    /// Asks the middle about a read or write. Returns false if it must wait.
+    fn admit(&mut self, head: u16) -> bool {
+        let slot = &mut self.slots[head as usize];
+        let Some(request) = slot.request else {
+            return true;
+        };
+        let dir = direction(request.kind).unwrap_or(IoDirection::Read);
+        match self.volume.middle.admit(dir, request.offset, request.len) {
+            Admission::Retry(at) => {
+                if slot.state != SlotState::Throttled {
+                    slot.state = SlotState::Throttled;
+                    self.throttled.push_back(head);
+                }
+                self.arm(at);
+                false
+            }
+            Admission::Go { fail: true, .. } => {
+                slot.ok = false;
+                slot.used_len = 1;
+                self.finish(head);
+                true
+            }
+            Admission::Go {
+                not_before,
+                stalled,
+                ..
+            } => {
+                slot.admitted = true;
+                slot.not_before = not_before;
+                slot.stalled = stalled;
+                self.submit_to_media(head);
+                true
+            }
+        }
+    }
+
+    fn submit_to_media(&mut self, head: u16) {
+        let media: &FileMedia = &self.volume.media;
+        let middle = &self.volume.middle;
+        let slot = &mut self.slots[head as usize];
+        let Some(request) = slot.request else {
+            return;
+        };
+        slot.used_len = 1;
+        let modifies = matches!(
+            request.kind,
+            RequestKind::Write | RequestKind::Discard | RequestKind::WriteZeroes { .. }
+        );
+        if modifies && middle.power_cut_pending() {
+            // What the range held, so a power cut can take this write back.
+            if let Err(e) = middle.log_write(media.buffered(), request.offset, request.len) {
+                tracing::error!(queue = self.index, error = %e, "cannot log a write for the power-cut fault");
+            }
+        }
+        let entry = match request.kind {
             RequestKind::Read => {
-                slot.expected = request.len;
                 slot.used_len = request.len as u32 + 1;
                 // SAFETY: the iovecs and the guest memory they point into are
                 // kept in the slot until the completion is reaped.
@@ -251,7 +404,6 @@ impl QueueWorker {
                 }
             }
             RequestKind::Write => {
-                slot.expected = request.len;
                 // SAFETY: as for reads.
                 unsafe {
                     media.write(
@@ -261,20 +413,23 @@ impl QueueWorker {
                     )
                 }
             }
-            RequestKind::Flush => media.flush(),
+            RequestKind::Flush => {
+                slot.flush_position = middle.flush_started();
+                media.flush()
+            }
             RequestKind::Discard | RequestKind::WriteZeroes { unmap: true } => {
                 media.punch_hole(request.offset, request.len)
             }
             RequestKind::WriteZeroes { unmap: false } => {
                 media.zero_range(request.offset, request.len)
             }
+            RequestKind::GetId => return,
         };
-        slot.memory = Some(memory.clone());
-        slot.in_flight = true;
+        slot.state = SlotState::InFlight;
         // SAFETY: see above; the slot keeps everything the entry points at.
         if let Err(e) = unsafe { self.ring.push(entry, u64::from(head)) } {
             tracing::error!(queue = self.index, error = %e, "io_uring push failed");
-            self.finish(Completion {
+            self.media_done(Completion {
                 tag: u64::from(head),
                 result: -libc::EIO,
             });
@@ -282,37 +437,151 @@ impl QueueWorker {
     }
 
     fn reap(&mut self) {
-        let mut done = std::mem::take(&mut self.finished);
-        let slots = &mut self.slots;
-        let volume = &self.volume;
-        let index = self.index;
-        self.ring.reap(|c| {
-            if let Some(entry) = finish_slot(slots, volume, index, c) {
-                done.push(entry);
-            }
-        });
-        self.finished = done;
-    }
-
-    fn finish(&mut self, completion: Completion) {
-        if let Some(entry) = finish_slot(&mut self.slots, &self.volume, self.index, completion) {
-            self.finished.push(entry);
+        // The vector is kept between calls: no allocation per batch.
+        let mut done = std::mem::take(&mut self.completions);
+        self.ring.reap(|c| done.push(c));
+        for c in done.drain(..) {
+            self.media_done(c);
         }
+        self.completions = done;
     }
 
     fn drain(&mut self) {
-        let mut done = std::mem::take(&mut self.finished);
-        let slots = &mut self.slots;
-        let volume = &self.volume;
-        let index = self.index;
-        if let Err(e) = self.ring.drain(|c| {
-            if let Some(entry) = finish_slot(slots, volume, index, c) {
-                done.push(entry);
-            }
-        }) {
-            tracing::error!(queue = index, error = %e, "cannot drain io_uring");
+        let mut done = std::mem::take(&mut self.completions);
+        if let Err(e) = self.ring.drain(|c| done.push(c)) {
+            tracing::error!(queue = self.index, error = %e, "cannot drain io_uring");
         }
-        self.finished = done;
+        for c in done.drain(..) {
+            self.media_done(c);
+        }
+        self.completions = done;
+    }
+
+    /// The media finished a request: count it, then complete it now or hold it.
+    fn media_done(&mut self, completion: Completion) {
+        let Ok(head) = u16::try_from(completion.tag) else {
+            return;
+        };
+        let Some(slot) = self.slots.get_mut(head as usize) else {
+            return;
+        };
+        if slot.state != SlotState::InFlight {
+            return;
+        }
+        let Some(request) = slot.request else {
+            return;
+        };
+        let metrics = &self.volume.metrics.queues[self.index];
+        let ok = match request.kind {
+            RequestKind::Read | RequestKind::Write => {
+                i64::from(completion.result) == request.len as i64
+            }
+            _ => completion.result == 0,
+        };
+        if ok {
+            let (ops, bytes) = match request.kind {
+                RequestKind::Read => (&metrics.read_ops, Some(&metrics.read_bytes)),
+                RequestKind::Write => (&metrics.write_ops, Some(&metrics.write_bytes)),
+                RequestKind::Flush => {
+                    self.volume.middle.flush_completed(slot.flush_position);
+                    (&metrics.flush_ops, None)
+                }
+                RequestKind::Discard => (&metrics.discard_ops, None),
+                RequestKind::WriteZeroes { .. } => (&metrics.write_zeroes_ops, None),
+                RequestKind::GetId => (&metrics.get_id_ops, None),
+            };
+            QueueMetrics::count(ops, 1);
+            if let Some(bytes) = bytes {
+                QueueMetrics::count(bytes, request.len);
+            }
+        } else {
+            QueueMetrics::count(&metrics.media_errors, 1);
+            warn_limited!(
+                MEDIA_ERROR_WARNINGS,
+                queue = self.index,
+                head,
+                kind = ?request.kind,
+                result = completion.result,
+                expected = request.len,
+                "media operation failed"
+            );
+        }
+        slot.ok = ok;
+        let due = slot.not_before.filter(|t| *t > Instant::now());
+        if slot.stalled || due.is_some() {
+            slot.state = SlotState::Held;
+            self.held.push(head);
+            self.arm(due.unwrap_or_else(Instant::now));
+        } else {
+            self.finish(head);
+        }
+    }
+
+    /// Releases held completions and throttled requests whose time has come,
+    /// and arms the timer for the next.
+    fn service_timers(&mut self) {
+        let now = Instant::now();
+        let mut i = 0;
+        while i < self.held.len() {
+            let head = self.held[i];
+            let slot = &mut self.slots[head as usize];
+            if slot.stalled {
+                match slot.request.and_then(|r| {
+                    let dir = direction(r.kind)?;
+                    self.volume.middle.still_stalled(dir, r.offset, r.len)
+                }) {
+                    Some(until) => {
+                        slot.not_before = Some(slot.not_before.map_or(until, |t| t.max(until)))
+                    }
+                    None => slot.stalled = false,
+                }
+            }
+            match slot.not_before.filter(|t| *t > now) {
+                Some(due) => {
+                    self.arm(due);
+                    i += 1;
+                }
+                None if !slot.stalled => {
+                    self.held.swap_remove(i);
+                    self.finish(head);
+                }
+                None => i += 1,
+            }
+        }
+        while let Some(&head) = self.throttled.front() {
+            if !self.admit(head) {
+                break;
+            }
+            self.throttled.pop_front();
+        }
+    }
+
+    fn arm(&mut self, at: Instant) {
+        if let Err(e) = self.timer.arm_by(at) {
+            tracing::error!(queue = self.index, error = %e, "cannot arm the queue timer");
+        }
+    }
+
+    /// Writes the status, tells the middle, and queues the used entry.
+    fn finish(&mut self, head: u16) {
+        let slot = &mut self.slots[head as usize];
+        let status = if slot.ok {
+            VIRTIO_BLK_S_OK
+        } else {
+            VIRTIO_BLK_S_IOERR
+        };
+        let used_len = if slot.ok { slot.used_len } else { 1 };
+        if let (Some(memory), Some(request)) = (slot.memory.take(), slot.request) {
+            let _ = memory.write_obj(status as u8, request.status);
+            if slot.admitted {
+                if let Some(dir) = direction(request.kind) {
+                    self.volume.middle.completed(dir, request.len);
+                }
+            }
+        }
+        slot.state = SlotState::Free;
+        slot.request = None;
+        self.finished.push((head, used_len));
     }
 
     /// Adds every finished head to the used ring and signals the guest once.
@@ -342,63 +611,6 @@ impl QueueWorker {
     }
 }
 
-/// Writes the status of a completed media operation and frees its slot.
-fn finish_slot(
-    slots: &mut [Slot],
-    volume: &Volume,
-    index: usize,
-    completion: Completion,
-) -> Option<(u16, u32)> {
-    let head = u16::try_from(completion.tag).ok()?;
-    let slot = slots.get_mut(head as usize)?;
-    if !slot.in_flight {
-        return None;
-    }
-    let metrics = &volume.metrics.queues[index];
-    let ok = match slot.kind {
-        RequestKind::Read | RequestKind::Write => {
-            i64::from(completion.result) == slot.expected as i64
-        }
-        _ => completion.result == 0,
-    };
-    if ok {
-        let (ops, bytes) = match slot.kind {
-            RequestKind::Read => (&metrics.read_ops, Some(&metrics.read_bytes)),
-            RequestKind::Write => (&metrics.write_ops, Some(&metrics.write_bytes)),
-            RequestKind::Flush => (&metrics.flush_ops, None),
-            RequestKind::Discard => (&metrics.discard_ops, None),
-            RequestKind::WriteZeroes { .. } => (&metrics.write_zeroes_ops, None),
-            RequestKind::GetId => (&metrics.get_id_ops, None),
-        };
-        QueueMetrics::count(ops, 1);
-        if let Some(bytes) = bytes {
-            QueueMetrics::count(bytes, slot.expected);
-        }
-    } else {
-        QueueMetrics::count(&metrics.media_errors, 1);
-        warn_limited!(
-            MEDIA_ERROR_WARNINGS,
-            queue = index,
-            head,
-            kind = ?slot.kind,
-            result = completion.result,
-            expected = slot.expected,
-            "media operation failed"
-        );
-    }
-    let status = if ok {
-        VIRTIO_BLK_S_OK
-    } else {
-        VIRTIO_BLK_S_IOERR
-    };
-    let used_len = if ok { slot.used_len } else { 1 };
-    if let Some(memory) = slot.memory.take() {
-        let _ = memory.write_obj(status as u8, slot.status);
-    }
-    slot.in_flight = false;
-    Some((head, used_len))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -409,7 +621,7 @@ mod tests {
     use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
     use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
     use virtio_queue::mock::MockSplitQueue;
-    use vm_memory::GuestMemoryAtomic;
+    use vm_memory::{GuestAddress, GuestMemoryAtomic};
 
     const QUEUE_SIZE: u16 = 16;
     const W: u16 = VRING_DESC_F_WRITE as u16;
@@ -442,6 +654,10 @@ mod tests {
                 queue_size: QUEUE_SIZE,
                 seg_max: 8,
                 metrics: BlockMetrics::new(1),
+                middle: card_firmware::middle::Middle::new(
+                    &card_firmware::middle::MiddleConfig::default(),
+                )
+                .unwrap(),
             });
             let vring = Vring::new(memory.clone(), QUEUE_SIZE).unwrap();
             // The mock lays out (and zeroes) the rings once; later steps

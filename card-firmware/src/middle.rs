@@ -1,0 +1,356 @@
+//! The middle of a storage card: what happens to a request between the
+//! frontend that parsed it and the media that serves it.
+//!
+//! A frontend (virtio-blk today, NVMe later) asks the middle to [`admit`]
+//! each read and write. The middle applies, in order:
+//!
+//! 1. **Faults** from the volume's fault plan: fail the request, add latency,
+//!    stall it (an impaired volume).
+//! 2. **Throttling** by the EBS volume model: IOPS and throughput limits and
+//!    burst credits. A request over the limit is not failed: the frontend is
+//!    told when to ask again, as EBS queues I/O rather than rejecting it.
+//! 3. **Latency**: the service time of a network hop (EBS) or of flash.
+//!
+//! It also keeps what a power cut needs: while a power-cut fault is pending,
+//! the old contents of every range written since the last flush, so the cut
+//! can take back exactly the writes that were not made durable.
+//!
+//! Times: fault windows, throttling and latency are in wall time since the
+//! card started. `time_scale` speeds up only the burst-credit economy (see
+//! hw-model), so a test sees a gp2 bucket drain in seconds while IOPS limits
+//! stay what a guest measures.
+//!
+//! [`admit`]: Middle::admit
+
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use hw_model::ebs::{IoDirection, VolumeMetrics, VolumeModel, VolumeSpec};
+use hw_model::fault::{FaultError, FaultKind, FaultPlan, FaultSpec};
+use hw_model::latency::{EbsHop, Flash, LatencyModel};
+use hw_model::rng::Rng;
+
+/// How long a stalled request waits before it asks again whether its stall
+/// was cleared (stalls without an end last until cleared).
+const STALL_RECHECK: Duration = Duration::from_millis(50);
+
+/// Which service-time model a volume has.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Latency {
+    #[default]
+    None,
+    /// A network hop to an EBS server.
+    Ebs,
+    /// Local NVMe flash (instance store).
+    Flash,
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct MiddleConfig {
+    /// The EBS volume type and its provisioned figures; None = no throttling.
+    pub volume: Option<VolumeSpec>,
+    pub latency: Latency,
+    /// Burst credits move this many times faster than wall time (≥ 1 in tests).
+    pub time_scale: f64,
+    pub seed: u64,
+}
+
+/// What the frontend should do with a request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Admission {
+    /// Submit it to the media now. Report failure instead if `fail`; do not
+    /// complete it before `not_before`; if `stalled`, keep asking
+    /// [`Middle::still_stalled`] before completing.
+    Go {
+        fail: bool,
+        not_before: Option<Instant>,
+        stalled: bool,
+    },
+    /// Throttled: ask again at this instant (and keep later requests behind it).
+    Retry(Instant),
+}
+
+/// Counters the middle adds to a card's metrics.
+#[derive(Debug, Default)]
+pub struct MiddleCounters {
+    pub throttled: AtomicU64,
+    pub fault_errors: AtomicU64,
+    pub fault_delays: AtomicU64,
+    pub fault_stalls: AtomicU64,
+}
+
+/// One write since the last flush: where, and what was there before.
+struct UndoEntry {
+    offset: u64,
+    old: Vec<u8>,
+}
+
+struct State {
+    volume: Option<VolumeModel>,
+    latency: Option<Box<dyn LatencyModel>>,
+    faults: FaultPlan,
+    /// Writes since the last flush, oldest first; kept only while a power
+    /// cut is pending.
+    undo: Vec<UndoEntry>,
+    /// Entries before this index were covered by a flush that completed.
+    undo_base: u64,
+}
+
+pub struct Middle {
+    epoch: Instant,
+    time_scale: f64,
+    seed: u64,
+    state: Mutex<State>,
+    pub counters: MiddleCounters,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum MiddleError {
+    #[error("volume: {0}")]
+    Volume(#[from] hw_model::ebs::SpecError),
+    #[error("fault: {0}")]
+    Fault(#[from] FaultError),
+    #[error("--time-scale must be a finite number ≥ 1, not {0}")]
+    TimeScale(f64),
+    #[error("{0} faults apply to the networking card, not to storage")]
+    NotForStorage(String),
+}
+
+impl Middle {
+    pub fn new(config: &MiddleConfig) -> Result<Self, MiddleError> {
+        let time_scale = if config.time_scale == 0.0 {
+            1.0
+        } else {
+            config.time_scale
+        };
+        if !time_scale.is_finite() || time_scale < 1.0 {
+            return Err(MiddleError::TimeScale(config.time_scale));
+        }
+        let volume = match &config.volume {
+            Some(spec) => Some(
+                VolumeModel::new(spec, Duration::ZERO)?.with_time_scale(time_scale, Duration::ZERO),
+            ),
+            None => None,
+        };
+        let latency: Option<Box<dyn LatencyModel>> = match config.latency {
+            Latency::None => None,
+            Latency::Ebs => Some(Box::new(EbsHop::new(config.seed))),
+            Latency::Flash => Some(Box::new(Flash::new(config.seed))),
+        };
+        Ok(Self {
+            epoch: Instant::now(),
+            time_scale,
+            seed: config.seed,
+            state: Mutex::new(State {
+                volume,
+                latency,
+                faults: FaultPlan::new(),
+                undo: Vec::new(),
+                undo_base: 0,
+            }),
+            counters: MiddleCounters::default(),
+        })
+    }
+
+    fn now(&self) -> Duration {
+        self.epoch.elapsed()
+    }
+
+    fn at(&self, t: Duration) -> Instant {
+        self.epoch
+            .checked_add(t)
+            .unwrap_or_else(|| Instant::now() + Duration::from_secs(86_400))
+    }
+
+    fn state(&self) -> MutexGuard<'_, State> {
+        // A panic elsewhere must not stop the data path: the state stays usable.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Decides what happens to one read or write.
+    pub fn admit(&self, dir: IoDirection, offset: u64, len: u64) -> Admission {
+        let now = self.now();
+        let mut state = self.state();
+        let verdict = state.faults.judge(dir, offset, len, now);
+        if verdict.error {
+            self.counters.fault_errors.fetch_add(1, Ordering::Relaxed);
+            return Admission::Go {
+                fail: true,
+                not_before: None,
+                stalled: false,
+            };
+        }
+        if let Some(volume) = state.volume.as_mut() {
+            if let Err(when) = volume.admit(dir, offset, len, now) {
+                self.counters.throttled.fetch_add(1, Ordering::Relaxed);
+                return Admission::Retry(self.at(when.max(now)));
+            }
+        }
+        let mut delay = verdict.extra_latency;
+        if !delay.is_zero() {
+            self.counters.fault_delays.fetch_add(1, Ordering::Relaxed);
+        }
+        if let Some(model) = state.latency.as_mut() {
+            delay += model.sample(dir, len);
+        }
+        let stalled = verdict.hold_until.is_some();
+        if stalled {
+            self.counters.fault_stalls.fetch_add(1, Ordering::Relaxed);
+        }
+        let mut not_before = (!delay.is_zero()).then(|| Instant::now() + delay);
+        if let Some(until) = verdict.hold_until.filter(|t| *t != Duration::MAX) {
+            let until = self.at(until);
+            not_before = Some(not_before.map_or(until, |t| t.max(until)));
+        }
+        Admission::Go {
+            fail: false,
+            not_before,
+            stalled,
+        }
+    }
+
+    /// A stalled request asks whether it may complete; `Some(t)` = ask again at t.
+    pub fn still_stalled(&self, dir: IoDirection, offset: u64, len: u64) -> Option<Instant> {
+        let now = self.now();
+        let until = self.state().faults.judge_stall(dir, offset, len, now);
+        until.map(|until| {
+            if until == Duration::MAX {
+                Instant::now() + STALL_RECHECK
+            } else {
+                self.at(until)
+            }
+        })
+    }
+
+    /// An admitted request finished (for queue length and idle time).
+    pub fn completed(&self, dir: IoDirection, len: u64) {
+        let now = self.now();
+        if let Some(volume) = self.state().volume.as_mut() {
+            volume.on_complete(dir, len, now);
+        }
+    }
+
+    // ---- faults, through the control socket ----
+
+    pub fn add_fault(&self, spec: FaultSpec) -> Result<String, MiddleError> {
+        if matches!(
+            spec.kind,
+            FaultKind::Loss { .. }
+                | FaultKind::Delay { .. }
+                | FaultKind::Reorder { .. }
+                | FaultKind::Duplicate { .. }
+                | FaultKind::Corrupt { .. }
+                | FaultKind::LinkDown
+        ) {
+            return Err(MiddleError::NotForStorage(format!("{:?}", spec.kind)));
+        }
+        let now = self.now();
+        Ok(self.state().faults.add(spec, now)?)
+    }
+
+    pub fn clear_fault(&self, id: &str) -> Result<FaultSpec, MiddleError> {
+        Ok(self.state().faults.clear(id)?)
+    }
+
+    pub fn clear_faults(&self) {
+        self.state().faults.clear_all();
+    }
+
+    pub fn faults(&self) -> Vec<FaultSpec> {
+        self.state().faults.list()
+    }
+
+    /// Power cuts and crashes whose time has come (each returned once).
+    pub fn due_events(&self) -> Vec<FaultSpec> {
+        let now = self.now();
+        self.state().faults.due_events(now)
+    }
+
+    pub fn volume_metrics(&self) -> Option<VolumeMetrics> {
+        let now = self.now();
+        self.state().volume.as_mut().map(|v| v.metrics(now))
+    }
+
+    // ---- power cut ----
+
+    /// Whether writes must be logged for a power cut that has not happened yet.
+    pub fn power_cut_pending(&self) -> bool {
+        self.state()
+            .faults
+            .list()
+            .iter()
+            .any(|f| matches!(f.kind, FaultKind::PowerCut { .. }))
+    }
+
+    /// Records what `[offset, offset + len)` held before a write (read from
+    /// `file`, a buffered descriptor of the media). Called before the write
+    /// is submitted.
+    pub fn log_write(&self, file: &File, offset: u64, len: u64) -> std::io::Result<()> {
+        let mut old = vec![0u8; len as usize];
+        let mut done = 0;
+        while done < old.len() {
+            match file.read_at(&mut old[done..], offset + done as u64)? {
+                0 => break, // past the end of the file: reads as zeros
+                n => done += n,
+            }
+        }
+        self.state().undo.push(UndoEntry { offset, old });
+        Ok(())
+    }
+
+    /// A flush is being submitted: returns the log position it covers.
+    pub fn flush_started(&self) -> u64 {
+        let state = self.state();
+        state.undo_base + state.undo.len() as u64
+    }
+
+    /// The flush that started at `position` completed: its writes are durable.
+    pub fn flush_completed(&self, position: u64) {
+        let mut state = self.state();
+        let covered = position.saturating_sub(state.undo_base) as usize;
+        let covered = covered.min(state.undo.len());
+        state.undo.drain(..covered);
+        state.undo_base += covered as u64;
+    }
+
+    /// Takes back the writes since the last flush — each with the fault's
+    /// drop probability, newest first — and makes the result durable.
+    /// Returns how many writes were dropped. The caller then ends the card.
+    pub fn power_cut(&self, fault: &FaultSpec, media: &Path) -> std::io::Result<usize> {
+        let FaultKind::PowerCut { drop_probability } = fault.kind else {
+            return Ok(0);
+        };
+        let file = std::fs::OpenOptions::new().write(true).open(media)?;
+        let mut rng = Rng::new(fault.seed ^ self.seed);
+        let state = self.state();
+        let mut dropped = 0;
+        for entry in state.undo.iter().rev() {
+            if rng.chance(drop_probability) {
+                file.write_all_at(&entry.old, entry.offset)?;
+                dropped += 1;
+            }
+        }
+        file.sync_data()?;
+        // Keep the lock: no request may start while the card goes down.
+        std::mem::forget(state);
+        Ok(dropped)
+    }
+
+    pub fn time_scale(&self) -> f64 {
+        self.time_scale
+    }
+}
+
+impl std::fmt::Debug for Middle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Middle")
+            .field("time_scale", &self.time_scale)
+            .field("seed", &self.seed)
+            .field("faults", &self.faults().len())
+            .finish()
+    }
+}
