@@ -98,6 +98,9 @@ struct State {
     undo: Vec<UndoEntry>,
     /// Entries before this index were covered by a flush that completed.
     undo_base: u64,
+    /// CloudWatch figures summed since the card started (the model reports
+    /// per period; every reader of the card sees running totals).
+    totals: VolumeMetrics,
 }
 
 pub struct Middle {
@@ -151,6 +154,7 @@ impl Middle {
                 faults: FaultPlan::new(),
                 undo: Vec::new(),
                 undo_base: 0,
+                totals: VolumeMetrics::default(),
             }),
             counters: MiddleCounters::default(),
         })
@@ -270,9 +274,24 @@ impl Middle {
         self.state().faults.due_events(now)
     }
 
+    /// CloudWatch's per-volume figures: operations, bytes and idle time since
+    /// the card started; queue length, BurstBalance and throughput
+    /// percentage as of now.
     pub fn volume_metrics(&self) -> Option<VolumeMetrics> {
         let now = self.now();
-        self.state().volume.as_mut().map(|v| v.metrics(now))
+        let mut state = self.state();
+        let state = &mut *state;
+        let period = state.volume.as_mut()?.metrics(now);
+        let t = &mut state.totals;
+        t.volume_read_ops += period.volume_read_ops;
+        t.volume_write_ops += period.volume_write_ops;
+        t.volume_read_bytes += period.volume_read_bytes;
+        t.volume_write_bytes += period.volume_write_bytes;
+        t.volume_idle_time += period.volume_idle_time;
+        t.volume_queue_length = period.volume_queue_length;
+        t.burst_balance = period.burst_balance;
+        t.volume_throughput_percentage = period.volume_throughput_percentage;
+        Some(t.clone())
     }
 
     // ---- power cut ----

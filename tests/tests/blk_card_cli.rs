@@ -219,3 +219,65 @@ fn bad_flags_are_usage_errors() -> Result<()> {
     ensure!(fs::metadata(&img)?.len() == 4096 && !sock.exists());
     Ok(())
 }
+
+#[test]
+fn a_crash_fault_kills_the_card_at_its_time() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let sock = dir.path().join("s");
+    let img = file_of(dir.path(), "vol.img", &[0u8; 4096])?;
+    let started = std::time::Instant::now();
+    let out = card(&[
+        os("--socket"),
+        sock.as_os_str(),
+        os("--backing"),
+        img.as_os_str(),
+        os("--fault"),
+        os("kind=crash,start=0.5"),
+    ])?;
+    use std::os::unix::process::ExitStatusExt;
+    ensure!(
+        out.status.signal() == Some(libc::SIGABRT),
+        "expected SIGABRT, got {:?}",
+        out.status
+    );
+    ensure!(started.elapsed() >= Duration::from_millis(500));
+    Ok(())
+}
+
+#[test]
+fn bad_model_and_fault_flags_are_refused() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let sock = dir.path().join("s");
+    let small = file_of(dir.path(), "small.img", &[0u8; 4096])?;
+    // io1 needs at least 4 GiB.
+    refused(
+        &[
+            os("--socket"),
+            sock.as_os_str(),
+            os("--backing"),
+            small.as_os_str(),
+            os("--volume-type"),
+            os("io1"),
+        ],
+        "io1",
+    )?;
+    for (fault, needle) in [
+        ("kind=io_error,probability=2", "probability"),
+        ("kind=teleport", "kind"),
+        ("kind=loss,probability=0.1", "networking card"),
+    ] {
+        refused(
+            &[
+                os("--socket"),
+                sock.as_os_str(),
+                os("--backing"),
+                small.as_os_str(),
+                os("--fault"),
+                os(fault),
+            ],
+            needle,
+        )?;
+    }
+    ensure!(fs::metadata(&small)?.len() == 4096 && !sock.exists());
+    Ok(())
+}

@@ -216,9 +216,9 @@ fn balance_and_reads(card: &Card) -> Result<(f64, u64)> {
 }
 
 /// An I/O-error fault on one range fails only that range, and clearing it
-/// heals it.
+/// heals it; a stall on the range holds reads until it ends.
 #[test]
-fn guest_error_fault_on_a_range_fails_only_that_range() -> Result<()> {
+fn guest_error_and_stall_faults_on_a_range() -> Result<()> {
     let dir = tempfile::tempdir_in(target_dir())?;
     let backing = volume(dir.path(), 64 << 20)?;
     let card = Card::start(
@@ -241,6 +241,11 @@ echo CARDSIM-FAULT-SEEN
 sleep 4
 for b in 4096 4200 4351; do rd $b || { echo "block $b still failing after clear"; exit 1; }; done
 echo CARDSIM-HEALED
+# An impaired volume: reads of the range hang until the stall ends, then succeed.
+sleep 3
+start=$(date +%s)
+rd 4096 || { echo "read after the stall failed"; exit 1; }
+echo "CARDSIM-STALLED $(( $(date +%s) - start ))"
 "#;
     let mut guest = Guest::builder(Vmm::Qemu7)
         .vhost_user_blk(&card.socket, 1, false)
@@ -249,10 +254,26 @@ echo CARDSIM-HEALED
         .boot()?;
     guest.wait_for_line("CARDSIM-FAULT-SEEN", Duration::from_secs(100))?;
     card.call("fault_clear", json!({"all": true}))?;
+    guest.wait_for_line("CARDSIM-HEALED", Duration::from_secs(30))?;
+    card.call(
+        "fault_add",
+        json!({"kind": "stall", "scope": {"range": [16 << 20, 17 << 20]}, "end_s": 6.0}),
+    )?;
     let out = guest.wait()?;
-    ensure!(out.console.contains("CARDSIM-HEALED"), "{}", out.console);
+    let stalled: u64 = out
+        .console
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("CARDSIM-STALLED "))
+        .and_then(|s| s.trim().parse().ok())
+        .with_context(|| format!("no stall timing:\n{}", out.console))?;
+    // The stall began ~3 s before the read and lasts 6 s: the read waits ~3 s.
+    ensure!(
+        stalled >= 2,
+        "the read was not held by the stall ({stalled} s)"
+    );
     let m = card.call("metrics", json!({}))?;
     ensure!(m["middle"]["fault_errors"].as_u64() >= Some(4), "{m}");
+    ensure!(m["middle"]["fault_stalls"].as_u64() >= Some(1), "{m}");
     Ok(())
 }
 
