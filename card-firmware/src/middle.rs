@@ -241,16 +241,8 @@ impl Middle {
     // ---- faults, through the control socket ----
 
     pub fn add_fault(&self, spec: FaultSpec) -> Result<String, MiddleError> {
-        if matches!(
-            spec.kind,
-            FaultKind::Loss { .. }
-                | FaultKind::Delay { .. }
-                | FaultKind::Reorder { .. }
-                | FaultKind::Duplicate { .. }
-                | FaultKind::Corrupt { .. }
-                | FaultKind::LinkDown
-        ) {
-            return Err(MiddleError::NotForStorage(format!("{:?}", spec.kind)));
+        if spec.kind.is_network() {
+            return Err(MiddleError::NotForStorage(spec.kind.name().to_owned()));
         }
         let now = self.now();
         Ok(self.state().faults.add(spec, now)?)

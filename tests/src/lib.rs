@@ -14,7 +14,9 @@
 //! # Ok(()) }
 //! ```
 
+pub mod block_card;
 pub mod cpio;
+pub mod fio;
 mod guest;
 mod image;
 pub mod pagecache;

@@ -6,12 +6,12 @@
 use std::fs;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use anyhow::{ensure, Context, Result};
+use anyhow::{ensure, Result};
+use cardsim_tests::block_card::BlockCard;
 use cardsim_tests::pagecache::dirty_pages;
-use cardsim_tests::{card_binary, target_dir, wait_for_socket, Guest, KillOnDrop, Vmm};
+use cardsim_tests::{target_dir, Guest, Vmm};
 
 const VOLUME_SIZE: u64 = 128 << 20;
 /// Where the guest writes known blocks, past fio's 64 MiB.
@@ -28,45 +28,6 @@ fn block_pattern(offset: u64) -> Vec<u8> {
         .cycle()
         .take(4096)
         .collect()
-}
-
-/// A running block card and the files around it.
-struct Card {
-    process: KillOnDrop,
-    socket: PathBuf,
-    metrics: PathBuf,
-}
-
-impl Card {
-    fn start(dir: &Path, backing: &Path, extra: &[&str]) -> Result<Self> {
-        let socket = dir.join("blk.sock");
-        let metrics = dir.join("metrics.json");
-        let child = Command::new(card_binary("vhost-blk-backend")?)
-            .arg("--socket")
-            .arg(&socket)
-            .arg("--backing")
-            .arg(backing)
-            .arg("--metrics")
-            .arg(&metrics)
-            .args(extra)
-            .stdin(Stdio::null())
-            .spawn()
-            .context("starting vhost-blk-backend")?;
-        let mut process = KillOnDrop(child);
-        wait_for_socket(&socket, Some(&mut process.0), Duration::from_secs(10))?;
-        Ok(Self {
-            process,
-            socket,
-            metrics,
-        })
-    }
-
-    /// The card's counters, as last written (every second).
-    fn metrics(&self) -> Result<serde_json::Value> {
-        std::thread::sleep(Duration::from_millis(1200));
-        let text = fs::read_to_string(&self.metrics)?;
-        Ok(serde_json::from_str(&text)?)
-    }
 }
 
 /// A scratch folder on a real filesystem (the flush check reads page flags,
@@ -95,7 +56,7 @@ fn total_dirty(backing: &Path) -> Result<usize> {
 fn guest_io_through_the_card(vmm: Vmm) -> Result<()> {
     let dir = scratch()?;
     let backing = backing_file(dir.path())?;
-    let card = Card::start(dir.path(), &backing, &["--num-queues", "2"])?;
+    let card = BlockCard::start(dir.path(), &backing, &["--num-queues", "2"])?;
 
     let writes: String = PATTERN_OFFSETS
         .iter()
@@ -229,7 +190,7 @@ fn guest_qemu7_read_only_card_refuses_writes() -> Result<()> {
         .write(true)
         .open(&backing)?
         .write_all_at(&before, 0)?;
-    let card = Card::start(dir.path(), &backing, &["--read-only"])?;
+    let card = BlockCard::start(dir.path(), &backing, &["--read-only"])?;
     let script = r#"
 wait_dev /dev/vda
 [ "$(cat /sys/block/vda/ro)" = 1 ] || { echo "disk is not read-only"; exit 1; }
@@ -257,7 +218,7 @@ echo CARDSIM-RO-OK
 fn guest_survives_card_restart(vmm: Vmm) -> Result<()> {
     let dir = scratch()?;
     let backing = backing_file(dir.path())?;
-    let mut card = Card::start(dir.path(), &backing, &[])?;
+    let mut card = BlockCard::start(dir.path(), &backing, &[])?;
     let script = r#"
 wait_dev /dev/vda
 yes 'before restart' | head -c 4096 > /tmp/a
@@ -278,7 +239,7 @@ echo CARDSIM-STEP-AFTER
     // SIGKILL: no chance to clean up, as in a crash.
     card.process.0.kill()?;
     card.process.0.wait()?;
-    card = Card::start(dir.path(), &backing, &[])?;
+    card = BlockCard::start(dir.path(), &backing, &[])?;
     let out = guest.wait()?;
     ensure!(
         out.console.contains("CARDSIM-STEP-AFTER"),

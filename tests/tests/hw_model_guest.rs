@@ -6,82 +6,17 @@
 use std::fs;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
-use card_firmware::control;
-use cardsim_tests::{card_binary, target_dir, wait_for_socket, Guest, KillOnDrop, Vmm};
+use cardsim_tests::block_card::BlockCard;
+use cardsim_tests::{fio, target_dir, Guest, Vmm};
 use serde_json::{json, Value};
-
-struct Card {
-    process: KillOnDrop,
-    socket: PathBuf,
-    control: PathBuf,
-}
-
-impl Card {
-    fn start(dir: &Path, backing: &Path, extra: &[&str]) -> Result<Self> {
-        let socket = dir.join("blk.sock");
-        let control = dir.join("control.sock");
-        let child = Command::new(card_binary("vhost-blk-backend")?)
-            .arg("--socket")
-            .arg(&socket)
-            .arg("--backing")
-            .arg(backing)
-            .arg("--control")
-            .arg(&control)
-            .args(extra)
-            .stdin(Stdio::null())
-            .spawn()
-            .context("starting vhost-blk-backend")?;
-        let mut process = KillOnDrop(child);
-        wait_for_socket(&socket, Some(&mut process.0), Duration::from_secs(10))?;
-        Ok(Self {
-            process,
-            socket,
-            control,
-        })
-    }
-
-    fn call(&self, op: &str, args: Value) -> Result<Value> {
-        control::request(&self.control, op, args)?
-            .map_err(|e| anyhow::anyhow!("{op}: {}: {}", e.code, e.message))
-    }
-}
 
 fn volume(dir: &Path, size: u64) -> Result<PathBuf> {
     let path = dir.join("vol.img");
     fs::File::create(&path)?.set_len(size)?;
     Ok(path)
-}
-
-/// fio JSON reports printed between CARDSIM-JSON-BEGIN/END markers.
-fn fio_reports(console: &str) -> Result<Vec<Value>> {
-    let mut reports = Vec::new();
-    let mut current: Option<String> = None;
-    for line in console.lines() {
-        let line = line.trim_end_matches('\r');
-        if line.contains("CARDSIM-JSON-BEGIN") {
-            current = Some(String::new());
-        } else if line.contains("CARDSIM-JSON-END") {
-            if let Some(text) = current.take() {
-                let start = text.find('{').context("no JSON from fio")?;
-                reports.push(serde_json::from_str(&text[start..])?);
-            }
-        } else if let Some(text) = current.as_mut() {
-            text.push_str(line);
-            text.push('\n');
-        }
-    }
-    Ok(reports)
-}
-
-fn fio_json(name: &str, args: &str) -> String {
-    format!(
-        "echo CARDSIM-JSON-BEGIN\nfio --name={name} --filename=/dev/vda --ioengine=libaio --direct=1 \
-         --output-format=json {args}\necho CARDSIM-JSON-END\n"
-    )
 }
 
 fn read_iops(report: &Value) -> f64 {
@@ -97,7 +32,7 @@ fn within(value: f64, want: f64, tolerance: f64) -> bool {
 fn guest_provisioned_iops_limit_what_fio_sees() -> Result<()> {
     let dir = tempfile::tempdir_in(target_dir())?;
     let backing = volume(dir.path(), 8 << 30)?;
-    let card = Card::start(
+    let card = BlockCard::start(
         dir.path(),
         &backing,
         &["--volume-type", "io1", "--iops", "300"],
@@ -105,7 +40,7 @@ fn guest_provisioned_iops_limit_what_fio_sees() -> Result<()> {
     // The ramp skips the bucket's first second of tokens.
     let script = format!(
         "wait_dev /dev/vda\n{}",
-        fio_json(
+        fio::job(
             "limited",
             "--rw=randread --bs=4k --iodepth=16 --size=1G --time_based --ramp_time=3 --runtime=10"
         )
@@ -116,7 +51,7 @@ fn guest_provisioned_iops_limit_what_fio_sees() -> Result<()> {
         .timeout(Duration::from_secs(120))
         .boot()?
         .wait()?;
-    let reports = fio_reports(&out.console)?;
+    let reports = fio::reports(&out.console)?;
     let iops = read_iops(reports.first().context("no fio report")?);
     ensure!(
         within(iops, 300.0, 0.05),
@@ -142,18 +77,18 @@ fn guest_gp2_burst_balance_drains_then_iops_fall_to_baseline() -> Result<()> {
     let dir = tempfile::tempdir_in(target_dir())?;
     // 33 GiB gp2: baseline 100 IOPS (the minimum), bursts to 3000.
     let backing = volume(dir.path(), 33 << 30)?;
-    let card = Card::start(
+    let card = BlockCard::start(
         dir.path(),
         &backing,
         &["--volume-type", "gp2", "--time-scale", &SCALE.to_string()],
     )?;
     let script = format!(
         "wait_dev /dev/vda\necho CARDSIM-BURST-START\n{}{}",
-        fio_json(
+        fio::job(
             "burst",
             "--rw=randread --bs=4k --iodepth=32 --size=1G --time_based --runtime=10"
         ),
-        fio_json(
+        fio::job(
             "baseline",
             "--rw=randread --bs=4k --iodepth=32 --size=1G --time_based --ramp_time=2 --runtime=8"
         )
@@ -170,7 +105,7 @@ fn guest_gp2_burst_balance_drains_then_iops_fall_to_baseline() -> Result<()> {
     std::thread::sleep(Duration::from_millis(1500));
     let (t2, (b2, r2)) = (Instant::now(), balance_and_reads(&card)?);
     let out = guest.wait()?;
-    let reports = fio_reports(&out.console)?;
+    let reports = fio::reports(&out.console)?;
     ensure!(reports.len() == 2, "{}", out.console);
 
     // Each 4 KiB read spends SCALE credits and the bucket refills at the
@@ -201,12 +136,12 @@ fn guest_gp2_burst_balance_drains_then_iops_fall_to_baseline() -> Result<()> {
     Ok(())
 }
 
-fn burst_balance(card: &Card) -> Result<f64> {
+fn burst_balance(card: &BlockCard) -> Result<f64> {
     Ok(balance_and_reads(card)?.0)
 }
 
 /// BurstBalance (%) and the card's completed reads so far.
-fn balance_and_reads(card: &Card) -> Result<(f64, u64)> {
+fn balance_and_reads(card: &BlockCard) -> Result<(f64, u64)> {
     let m = card.call("metrics", json!({}))?;
     let balance = m["cloudwatch"]["BurstBalance"]
         .as_f64()
@@ -221,7 +156,7 @@ fn balance_and_reads(card: &Card) -> Result<(f64, u64)> {
 fn guest_error_and_stall_faults_on_a_range() -> Result<()> {
     let dir = tempfile::tempdir_in(target_dir())?;
     let backing = volume(dir.path(), 64 << 20)?;
-    let card = Card::start(
+    let card = BlockCard::start(
         dir.path(),
         &backing,
         &["--fault", "kind=io_error,range=16M-17M"],
@@ -283,12 +218,12 @@ fn guest_latency_fault_shows_in_fio_percentiles() -> Result<()> {
     const ADDED_MS: f64 = 20.0;
     let dir = tempfile::tempdir_in(target_dir())?;
     let backing = volume(dir.path(), 64 << 20)?;
-    let card = Card::start(dir.path(), &backing, &[])?;
+    let card = BlockCard::start(dir.path(), &backing, &[])?;
     let qd1 = "--rw=randread --bs=4k --iodepth=1 --size=32M --time_based --runtime=4";
     let script = format!(
         "wait_dev /dev/vda\n{}echo CARDSIM-ADD-LATENCY\nsleep 2\n{}",
-        fio_json("before", qd1),
-        fio_json("after", qd1)
+        fio::job("before", qd1),
+        fio::job("after", qd1)
     );
     let mut guest = Guest::builder(Vmm::Qemu7)
         .vhost_user_blk(&card.socket, 1, false)
@@ -301,7 +236,7 @@ fn guest_latency_fault_shows_in_fio_percentiles() -> Result<()> {
         json!({"kind": "latency", "fixed_ms": ADDED_MS}),
     )?;
     let out = guest.wait()?;
-    let reports = fio_reports(&out.console)?;
+    let reports = fio::reports(&out.console)?;
     ensure!(reports.len() == 2, "{}", out.console);
     let p50 = |r: &Value| {
         r["jobs"][0]["read"]["clat_ns"]["percentile"]["50.000000"]
@@ -326,7 +261,7 @@ fn guest_power_cut_loses_only_unflushed_writes() -> Result<()> {
     let dir = tempfile::tempdir_in(target_dir())?;
     let backing = volume(dir.path(), 64 << 20)?;
     // A pending power cut (far in the future) makes the card log writes.
-    let mut card = Card::start(
+    let mut card = BlockCard::start(
         dir.path(),
         &backing,
         &["--fault", "kind=power_cut,start=86400"],

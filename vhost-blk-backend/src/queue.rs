@@ -177,6 +177,10 @@ impl QueueWorker {
             }
         }
         self.submit_batch();
+        // Media that completes inline (page cache hits, tmpfs) has its
+        // completions ready now: finish them in this wake-up rather than the
+        // next, which saves a sleep, a wake and an epoll round per batch.
+        self.reap();
         self.publish(&mut state, &memory);
     }
 

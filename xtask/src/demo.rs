@@ -61,20 +61,16 @@ pub fn run_demo() -> Result<()> {
         .with_context(|| format!("the block card did not start; see {}", log.display()))?;
     println!("  guest:  Debian kernel + busybox initramfs on {vmm} (TCG), 2 vCPUs");
 
-    let fio = |name: &str, rw: &str| {
-        format!(
-            "echo CARDSIM-JSON-BEGIN\n\
-             fio --name={name} --filename=/dev/vda --rw={rw} --bs=4k --iodepth=16 \
-             --ioengine=libaio --direct=1 --time_based --runtime={RUNTIME_SECS} --size=1G \
-             --numjobs=2 --group_reporting --output-format=json\n\
-             echo CARDSIM-JSON-END\n"
+    let fio = |rw: &str| {
+        cardsim_tests::fio::job(
+            rw,
+            &format!(
+                "--rw={rw} --bs=4k --iodepth=16 --time_based --runtime={RUNTIME_SECS} \
+                 --size=1G --numjobs=2 --group_reporting"
+            ),
         )
     };
-    let script = format!(
-        "wait_dev /dev/vda\n{}{}",
-        fio("randread", "randread"),
-        fio("randwrite", "randwrite")
-    );
+    let script = format!("wait_dev /dev/vda\n{}{}", fio("randread"), fio("randwrite"));
     println!(
         "  fio:    4k randread, then 4k randwrite; iodepth 16 x 2 jobs, {RUNTIME_SECS} s each"
     );
@@ -138,27 +134,9 @@ pub fn run_demo() -> Result<()> {
     Ok(())
 }
 
-/// fio's JSON reports, each printed between markers on the guest console.
+/// fio's two JSON reports from the guest console.
 fn fio_reports(console: &str) -> Result<Vec<serde_json::Value>> {
-    let mut reports = Vec::new();
-    let mut current: Option<String> = None;
-    for line in console.lines() {
-        let line = line.trim_end_matches('\r');
-        if line.contains("CARDSIM-JSON-BEGIN") {
-            current = Some(String::new());
-        } else if line.contains("CARDSIM-JSON-END") {
-            if let Some(text) = current.take() {
-                let start = text.find('{').unwrap_or(0);
-                reports.push(
-                    serde_json::from_str(&text[start..])
-                        .with_context(|| format!("fio printed unexpected output:\n{text}"))?,
-                );
-            }
-        } else if let Some(text) = current.as_mut() {
-            text.push_str(line);
-            text.push('\n');
-        }
-    }
+    let reports = cardsim_tests::fio::reports(console)?;
     if reports.len() != 2 {
         bail!(
             "expected 2 fio reports on the guest console, found {}:\n{}",
