@@ -205,7 +205,12 @@ impl Middle {
         if stalled {
             self.counters.fault_stalls.fetch_add(1, Ordering::Relaxed);
         }
-        let mut not_before = (!delay.is_zero()).then(|| Instant::now() + delay);
+        // A huge latency fault must not overflow Instant (found by fuzzing).
+        let mut not_before = (!delay.is_zero()).then(|| {
+            Instant::now()
+                .checked_add(delay)
+                .unwrap_or_else(|| self.at(Duration::MAX))
+        });
         if let Some(until) = verdict.hold_until.filter(|t| *t != Duration::MAX) {
             let until = self.at(until);
             not_before = Some(not_before.map_or(until, |t| t.max(until)));
@@ -353,6 +358,19 @@ impl Middle {
 
     pub fn time_scale(&self) -> f64 {
         self.time_scale
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_huge_latency_fault_does_not_panic() {
+        let m = Middle::new(&MiddleConfig::default()).unwrap();
+        m.add_fault("kind=latency,fixed_ms=1e300".parse().unwrap())
+            .unwrap();
+        let _ = m.admit(IoDirection::Read, 0, 4096);
     }
 }
 

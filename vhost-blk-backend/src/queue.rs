@@ -168,6 +168,20 @@ impl QueueWorker {
             }
             // Re-enabling tells us whether the guest added more meanwhile.
             match state.get_queue_mut().enable_notification(&*memory) {
+                // More arrived, unless the guest moved avail.idx more than a
+                // queue ahead: virtio-queue then yields no chain and "more"
+                // stays true for ever (found by the vhost_user_messages fuzzer).
+                Ok(true)
+                    if virtio_queue::QueueOwnedT::iter(state.get_queue_mut(), &*memory)
+                        .is_err() =>
+                {
+                    warn_limited!(
+                        BAD_REQUEST_WARNINGS,
+                        queue = self.index,
+                        "available index is more than a queue ahead; ring ignored"
+                    );
+                    break;
+                }
                 Ok(true) => continue,
                 Ok(false) => break,
                 Err(e) => {
@@ -758,6 +772,16 @@ mod tests {
         fn status(&self, addr: u64) -> u8 {
             self.mem().read_obj(GuestAddress(addr)).unwrap()
         }
+    }
+
+    #[test]
+    fn an_available_index_more_than_a_queue_ahead_does_not_spin() {
+        let mut h = Harness::new();
+        h.mem()
+            .write_obj((QUEUE_SIZE + 1).to_le(), GuestAddress(h.rings.1 + 2))
+            .unwrap();
+        // Looped for ever before the fix.
+        h.worker.on_kick(&h.vring);
     }
 
     #[test]

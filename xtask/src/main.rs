@@ -2,6 +2,7 @@
 
 mod demo;
 mod deps;
+mod fuzz;
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
@@ -33,6 +34,20 @@ enum Cmd {
     },
     /// Build release binaries and run the demo.
     Demo,
+    /// Fuzz the card's guest- and peer-facing parsers (cargo-fuzz, stable,
+    /// no sanitizer; installs cargo-fuzz if missing). Crashes land in
+    /// fuzz/artifacts/<target>/.
+    Fuzz {
+        /// CI: every target for 30 s, all at once.
+        #[arg(long)]
+        quick: bool,
+        /// How long to fuzz each target.
+        #[arg(long, default_value_t = 300)]
+        seconds: u64,
+        /// One target (virtio_blk_request, vhost_user_messages,
+        /// control_protocol); all if omitted.
+        target: Option<String>,
+    },
 }
 
 /// An error that should end the process with a specific code, after one
@@ -76,6 +91,11 @@ fn run(cmd: Cmd) -> Result<()> {
             cargo(&["build", "--release", "--workspace", "--bins"])?;
             demo::run_demo()
         }
+        Cmd::Fuzz {
+            quick,
+            seconds,
+            target,
+        } => fuzz::run(quick, seconds, target.as_deref()),
     }
 }
 
