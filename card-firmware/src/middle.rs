@@ -361,6 +361,16 @@ impl Middle {
     }
 }
 
+impl std::fmt::Debug for Middle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Middle")
+            .field("time_scale", &self.time_scale)
+            .field("seed", &self.seed)
+            .field("faults", &self.faults().len())
+            .finish()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -371,15 +381,5 @@ mod tests {
         m.add_fault("kind=latency,fixed_ms=1e300".parse().unwrap())
             .unwrap();
         let _ = m.admit(IoDirection::Read, 0, 4096);
-    }
-}
-
-impl std::fmt::Debug for Middle {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Middle")
-            .field("time_scale", &self.time_scale)
-            .field("seed", &self.seed)
-            .field("faults", &self.faults().len())
-            .finish()
     }
 }
