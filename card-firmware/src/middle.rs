@@ -105,7 +105,6 @@ struct State {
 
 pub struct Middle {
     epoch: Instant,
-    time_scale: f64,
     seed: u64,
     state: Mutex<State>,
     pub counters: MiddleCounters,
@@ -146,7 +145,6 @@ impl Middle {
         };
         Ok(Self {
             epoch: Instant::now(),
-            time_scale,
             seed: config.seed,
             state: Mutex::new(State {
                 volume,
@@ -295,11 +293,8 @@ impl Middle {
 
     /// Whether writes must be logged for a power cut that has not happened yet.
     pub fn power_cut_pending(&self) -> bool {
-        self.state()
-            .faults
-            .list()
-            .iter()
-            .any(|f| matches!(f.kind, FaultKind::PowerCut { .. }))
+        // Asked for every write: no cloning of the plan here.
+        self.state().faults.power_cut_pending()
     }
 
     /// Records what `[offset, offset + len)` held before a write (read from
@@ -355,16 +350,11 @@ impl Middle {
         std::mem::forget(state);
         Ok(dropped)
     }
-
-    pub fn time_scale(&self) -> f64 {
-        self.time_scale
-    }
 }
 
 impl std::fmt::Debug for Middle {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Middle")
-            .field("time_scale", &self.time_scale)
             .field("seed", &self.seed)
             .field("faults", &self.faults().len())
             .finish()

@@ -407,6 +407,13 @@ impl FaultPlan {
             .max()
     }
 
+    /// Whether a power cut is waiting to fire (so writes must be logged).
+    pub fn power_cut_pending(&self) -> bool {
+        self.entries
+            .iter()
+            .any(|e| !e.fired && matches!(e.spec.kind, FaultKind::PowerCut { .. }))
+    }
+
     /// Power cuts and crashes whose start has come and which have not fired yet (each fires once).
     pub fn due_events(&mut self, now: Duration) -> Vec<FaultSpec> {
         self.entries

@@ -454,20 +454,25 @@ impl QueueWorker {
         }
     }
 
+    /// Finishes the completions that are ready now.
     fn reap(&mut self) {
-        // The vector is kept between calls: no allocation per batch.
-        let mut done = std::mem::take(&mut self.completions);
-        self.ring.reap(|c| done.push(c));
-        for c in done.drain(..) {
-            self.media_done(c);
-        }
-        self.completions = done;
+        self.collect_media(false);
     }
 
+    /// Waits for everything in flight, then finishes it.
     fn drain(&mut self) {
+        self.collect_media(true);
+    }
+
+    fn collect_media(&mut self, wait_for_all: bool) {
+        // The vector is kept between calls: no allocation per batch.
         let mut done = std::mem::take(&mut self.completions);
-        if let Err(e) = self.ring.drain(|c| done.push(c)) {
-            tracing::error!(queue = self.index, error = %e, "cannot drain io_uring");
+        if wait_for_all {
+            if let Err(e) = self.ring.drain(|c| done.push(c)) {
+                tracing::error!(queue = self.index, error = %e, "cannot drain io_uring");
+            }
+        } else {
+            self.ring.reap(|c| done.push(c));
         }
         for c in done.drain(..) {
             self.media_done(c);
