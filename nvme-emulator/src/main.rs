@@ -1,0 +1,4 @@
+fn main() {
+    eprintln!("nvme-emulator: not built yet");
+    std::process::exit(2);
+}

@@ -1,0 +1,1 @@
+//! cardsim's networking card: vhost-user-net ports switched as a VPC.

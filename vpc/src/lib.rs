@@ -1,0 +1,1 @@
+//! The VPC switch of cardsim's networking card, without I/O.
