@@ -19,7 +19,9 @@ pub mod cpio;
 pub mod fio;
 mod guest;
 mod image;
+pub mod net_card;
 pub mod pagecache;
+pub mod sandbox;
 mod vmm;
 
 use anyhow::{bail, Result};
