@@ -64,6 +64,12 @@ pub enum ControlSocketError {
 
 /// Binds `path` (0600) and serves it on a background thread.
 pub fn spawn(path: &Path, handler: Arc<dyn ControlHandler>) -> Result<(), ControlSocketError> {
+    bind(path)?.serve(handler)
+}
+
+/// Binds `path` (0600). A card that jails itself binds first, enters its
+/// sandbox, then calls [`ControlListener::serve`].
+pub fn bind(path: &Path) -> Result<ControlListener, ControlSocketError> {
     let io_err = |source| ControlSocketError::Io {
         path: path.display().to_string(),
         source,
@@ -71,18 +77,35 @@ pub fn spawn(path: &Path, handler: Arc<dyn ControlHandler>) -> Result<(), Contro
     claim_socket_path(path)?;
     let listener = UnixListener::bind(path).map_err(io_err)?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(io_err)?;
-    thread::Builder::new()
-        .name("control".into())
-        .spawn(move || {
-            for stream in listener.incoming().flatten() {
-                let handler = handler.clone();
-                let _ = thread::Builder::new()
-                    .name("control-conn".into())
-                    .spawn(move || serve_connection(stream, handler.as_ref()));
-            }
-        })
-        .map_err(io_err)?;
-    Ok(())
+    Ok(ControlListener {
+        listener,
+        path: path.display().to_string(),
+    })
+}
+
+/// A bound control socket, not yet served.
+pub struct ControlListener {
+    listener: UnixListener,
+    path: String,
+}
+
+impl ControlListener {
+    /// Serves the socket on a background thread, a thread per connection.
+    pub fn serve(self, handler: Arc<dyn ControlHandler>) -> Result<(), ControlSocketError> {
+        let ControlListener { listener, path } = self;
+        thread::Builder::new()
+            .name("control".into())
+            .spawn(move || {
+                for stream in listener.incoming().flatten() {
+                    let handler = handler.clone();
+                    let _ = thread::Builder::new()
+                        .name("control-conn".into())
+                        .spawn(move || serve_connection(stream, handler.as_ref()));
+                }
+            })
+            .map_err(|source| ControlSocketError::Io { path, source })?;
+        Ok(())
+    }
 }
 
 fn serve_connection(stream: UnixStream, handler: &dyn ControlHandler) {

@@ -21,6 +21,7 @@ pub mod media;
 pub mod metrics;
 pub mod middle;
 pub mod ring;
+pub mod sandbox;
 pub mod socket;
 pub mod timer;
 pub mod vhost;

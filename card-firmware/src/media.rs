@@ -150,8 +150,14 @@ impl FileMedia {
         if capacity == 0 {
             return Err(MediaError::BadSize(actual));
         }
+        // Beside an O_DIRECT descriptor, a buffered one for unaligned work
+        // (the power-cut undo log), writable like the media.
         let buffered = if options.direct {
-            OpenOptions::new().read(true).open(path).map_err(io_err)?
+            OpenOptions::new()
+                .read(true)
+                .write(!options.read_only)
+                .open(path)
+                .map_err(io_err)?
         } else {
             file.try_clone().map_err(io_err)?
         };

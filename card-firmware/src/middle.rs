@@ -24,7 +24,6 @@
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
-use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -331,11 +330,13 @@ impl Middle {
     /// Takes back the writes since the last flush — each with the fault's
     /// drop probability, newest first — and makes the result durable.
     /// Returns how many writes were dropped. The caller then ends the card.
-    pub fn power_cut(&self, fault: &FaultSpec, media: &Path) -> std::io::Result<usize> {
+    ///
+    /// `file` is a buffered, writable descriptor of the media: a jailed card
+    /// can no longer open its media by name.
+    pub fn power_cut(&self, fault: &FaultSpec, file: &File) -> std::io::Result<usize> {
         let FaultKind::PowerCut { drop_probability } = fault.kind else {
             return Ok(0);
         };
-        let file = std::fs::OpenOptions::new().write(true).open(media)?;
         let mut rng = Rng::new(fault.seed ^ self.seed);
         let state = self.state();
         let mut dropped = 0;

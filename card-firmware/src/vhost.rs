@@ -60,19 +60,35 @@ pub trait CardBackend: VhostUserBackend<Bitmap = (), Vring = Vring> + 'static {
 pub fn serve_forever<B, F>(
     name: &str,
     socket: &Path,
-    mut new_backend: F,
+    new_backend: F,
     on_listening: impl FnOnce(),
 ) -> Result<(), ServeError>
 where
     B: CardBackend,
     F: FnMut(GuestMemory) -> Result<B, String>,
 {
+    let listener = listen(socket)?;
+    on_listening();
+    serve(name, listener, new_backend)
+}
+
+/// Claims `socket` and listens on it. A card that jails itself listens
+/// first, enters its sandbox, then calls [`serve`].
+pub fn listen(socket: &Path) -> Result<Listener, ServeError> {
     claim_socket_path(socket)?;
-    let mut listener = Listener::new(socket, false).map_err(|source| ServeError::Listen {
+    Listener::new(socket, false).map_err(|source| ServeError::Listen {
         path: socket.display().to_string(),
         source,
-    })?;
-    on_listening();
+    })
+}
+
+/// Serves one connection after another on `listener`, forever: each gets a
+/// fresh backend from `new_backend`.
+pub fn serve<B, F>(name: &str, mut listener: Listener, mut new_backend: F) -> Result<(), ServeError>
+where
+    B: CardBackend,
+    F: FnMut(GuestMemory) -> Result<B, String>,
+{
     let mut connection = 0u64;
     loop {
         let memory = GuestMemoryAtomic::new(GuestMemoryMmap::new());

@@ -21,6 +21,7 @@ mod guest;
 mod image;
 pub mod net_card;
 pub mod pagecache;
+pub mod sandbox;
 mod vmm;
 
 use anyhow::{bail, Result};

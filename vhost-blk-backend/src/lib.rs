@@ -13,6 +13,7 @@ pub mod device;
 pub mod metrics;
 pub mod queue;
 pub mod request;
+pub mod sandbox;
 
 use card_firmware::media::FileMedia;
 use card_firmware::middle::Middle;

@@ -14,6 +14,7 @@ use clap::Parser;
 
 use card_firmware::media::{FileMedia, MediaOptions};
 use card_firmware::middle::{Latency, Middle, MiddleConfig};
+use card_firmware::sandbox::SandboxArgs;
 use card_firmware::{control, metrics, vhost};
 use hw_model::ebs::{VolumeSpec, VolumeType};
 use hw_model::fault::{FaultKind, FaultSpec};
@@ -84,6 +85,8 @@ struct Args {
     /// A control socket (0600) for faults and metrics while the card runs.
     #[arg(long)]
     control: Option<PathBuf>,
+    #[command(flatten)]
+    sandbox: SandboxArgs,
 }
 
 fn parse_volume_type(text: &str) -> Result<VolumeType, String> {
@@ -241,51 +244,83 @@ fn run(args: Args) -> Result<(), Failure> {
         metrics: BlockMetrics::new(args.num_queues as usize),
         middle,
     });
-    if let Some(path) = &args.control {
-        control::spawn(
-            path,
-            Arc::new(BlockControl {
+    // Everything that needs a path or a privilege happens before the card
+    // jails itself: sockets bound, media open. Threads start after, so they
+    // inherit the jail.
+    let control = match &args.control {
+        Some(path) => Some(control::bind(path).map_err(|e| Failure::Config(e.into()))?),
+        None => None,
+    };
+    let listener = vhost::listen(&args.socket).map_err(|e| Failure::Config(e.into()))?;
+    let metrics_path = args
+        .metrics
+        .as_deref()
+        .map(absolute_metrics_path)
+        .transpose()?;
+    let writable = metrics_path
+        .iter()
+        .filter_map(|p| p.parent().map(PathBuf::from))
+        .collect();
+    if let Some(jail) = args
+        .sandbox
+        .enter(writable, &vhost_blk_backend::sandbox::allowlist())
+        .map_err(|e| Failure::Config(e.into()))?
+    {
+        tracing::info!(
+            uid = jail.uid,
+            gid = jail.gid,
+            private_root = jail.private_root,
+            syscalls = jail.syscalls,
+            "sandbox entered"
+        );
+    }
+
+    if let Some(control) = control {
+        control
+            .serve(Arc::new(BlockControl {
                 volume: volume.clone(),
-            }),
-        )
-        .map_err(|e| Failure::Config(e.into()))?;
+            }))
+            .map_err(|e| Failure::Runtime(e.into()))?;
     }
     spawn_fault_events(volume.clone()).map_err(|e| Failure::Runtime(e.into()))?;
-    if let Some(path) = args.metrics.clone() {
+    if let Some(path) = metrics_path {
         let v = volume.clone();
         metrics::spawn_writer(path.clone(), Duration::from_secs(1), move || v.snapshot())
             .with_context(|| format!("cannot write metrics to {}", path.display()))
             .map_err(Failure::Config)?;
     }
 
-    let socket = args.socket.clone();
-    let announce = {
-        let volume = volume.clone();
-        let serial = serial_text.clone();
-        move || {
-            tracing::info!(
-                socket = %socket.display(),
-                backing = %volume.media.path().display(),
-                capacity = volume.media.capacity(),
-                queues = volume.num_queues,
-                read_only = volume.media.read_only(),
-                serial,
-                "block card listening"
-            );
-        }
-    };
-    vhost::serve_forever(
-        "vhost-blk-backend",
-        &args.socket,
-        |memory| BlockDevice::new(volume.clone(), memory).map_err(|e| e.to_string()),
-        announce,
-    )
-    .map_err(|e| match e {
-        vhost::ServeError::SocketPath(_) | vhost::ServeError::Listen { .. } => {
-            Failure::Config(e.into())
-        }
-        other => Failure::Runtime(other.into()),
+    tracing::info!(
+        socket = %args.socket.display(),
+        backing = %volume.media.path().display(),
+        capacity = volume.media.capacity(),
+        queues = volume.num_queues,
+        read_only = volume.media.read_only(),
+        serial = serial_text,
+        "block card listening"
+    );
+    vhost::serve("vhost-blk-backend", listener, |memory| {
+        BlockDevice::new(volume.clone(), memory).map_err(|e| e.to_string())
     })
+    .map_err(|e| Failure::Runtime(e.into()))
+}
+
+/// The metrics file by an absolute path in a real folder: the card writes
+/// it by name (write, then rename) after it is jailed, from the root.
+fn absolute_metrics_path(path: &std::path::Path) -> Result<PathBuf, Failure> {
+    let absolute = std::path::absolute(path)
+        .with_context(|| format!("--metrics {}", path.display()))
+        .map_err(Failure::Config)?;
+    let (Some(dir), Some(name)) = (absolute.parent(), absolute.file_name()) else {
+        return Err(Failure::Config(anyhow::anyhow!(
+            "--metrics {}: not a file path",
+            path.display()
+        )));
+    };
+    let dir = std::fs::canonicalize(dir)
+        .with_context(|| format!("--metrics {}: no folder {}", path.display(), dir.display()))
+        .map_err(Failure::Config)?;
+    Ok(dir.join(name))
 }
 
 /// Fires power cuts and crashes when their time comes, whether or not the
@@ -297,7 +332,7 @@ fn spawn_fault_events(volume: Arc<Volume>) -> std::io::Result<()> {
             for event in volume.middle.due_events() {
                 match event.kind {
                     FaultKind::PowerCut { .. } => {
-                        match volume.middle.power_cut(&event, volume.media.path()) {
+                        match volume.middle.power_cut(&event, volume.media.buffered()) {
                             Ok(dropped) => tracing::warn!(
                                 id = event.id,
                                 dropped,

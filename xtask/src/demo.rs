@@ -33,7 +33,16 @@ pub fn run_demo() -> Result<()> {
     fs::create_dir_all(&dir)?;
     let backing = dir.join("vol.img");
     let socket = dir.join("blk.sock");
-    let metrics = dir.join("metrics.json");
+    // The card jails itself as nobody and replaces its metrics file by name:
+    // the file's folder must be that uid's.
+    let metrics_dir = dir.join("metrics");
+    fs::create_dir_all(&metrics_dir)?;
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        let nobody = card_firmware::sandbox::DEFAULT_ID;
+        std::os::unix::fs::chown(&metrics_dir, Some(nobody), Some(nobody))?;
+    }
+    let metrics = metrics_dir.join("metrics.json");
     let log = dir.join("card.log");
     // A fresh sparse volume each time: nothing to carry over.
     let _ = fs::remove_file(&backing);
