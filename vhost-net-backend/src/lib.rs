@@ -1,1 +1,18 @@
 //! cardsim's networking card: vhost-user-net ports switched as a VPC.
+//!
+//! - [`features`]: what a port offers (virtio-net features, config space);
+//! - [`chain`]: TX chains gathered and RX buffers filled, every guest value checked;
+//! - [`card`]: the ports, the shared port table and delivery between ports;
+//! - [`device`]: a port's vhost-user backend and its queue-pair threads;
+//! - [`allowance`]: per-ENI bandwidth and packets-per-second buckets;
+//! - [`vxlan`]: the VXLAN socket on io_uring;
+//! - [`counters`], [`control`]: what the card reports.
+
+pub mod allowance;
+pub mod card;
+pub mod chain;
+pub mod control;
+pub mod counters;
+pub mod device;
+pub mod features;
+pub mod vxlan;

@@ -1,0 +1,456 @@
+//! The card: its ports (one per ENI), the VPC switch between them, and the
+//! delivery of a switched frame to where the switch sent it.
+//!
+//! ## The port table and cross-port delivery
+//! Each port's receive side ([`RxSide`]: its guest memory, negotiated
+//! features and RX vrings) belongs to that port's vhost-user connection. It is
+//! published in the port's slot when a VMM connects and taken out when it
+//! disconnects; an RX vring is published when its queue-pair thread first
+//! runs and taken out when the VMM stops that queue. A thread delivering into
+//! another port clones the `Arc`/vring out of the slot (the slot's lock is
+//! held only for that clone), then locks just that RX vring for the copy.
+//! A port whose guest is gone has an empty slot: the frame is dropped and
+//! counted, nothing waits. Lock order: a TX vring, then RX vrings, then
+//! nothing; the switch's lock is never held across a delivery.
+
+use std::net::{SocketAddr, UdpSocket};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use card_firmware::vhost::{GuestMemory, Vring};
+use card_firmware::warn::WarnLimiter;
+use card_firmware::warn_limited;
+use serde_json::{json, Value};
+use vhost_user_backend::VringT;
+use virtio_queue::QueueT;
+use vm_memory::GuestAddressSpace;
+use vpc::config::{EniConfig, VpcConfig};
+use vpc::switch::{Egress, PortId, Switch, Verdict};
+use vpc::vnet::VnetHeader;
+
+use crate::allowance::{Allowance, Exceeded};
+use crate::chain::{self, ChainError, RxScratch};
+use crate::counters::{add, PortCounters};
+use crate::features::Negotiated;
+use crate::vxlan::VxlanSender;
+
+/// vhost-user-backend maps a thread's queues with a u64 mask: 64 queues.
+pub const MAX_QUEUE_PAIRS: u16 = 32;
+
+static DELIVERY_WARNINGS: WarnLimiter = WarnLimiter::new(1000);
+
+/// One ENI: what survives its guest's connections.
+pub struct Port {
+    pub id: PortId,
+    pub eni: EniConfig,
+    pub counters: PortCounters,
+    pub outbound: Allowance,
+    pub inbound: Allowance,
+    rx: RwLock<Option<Arc<RxSide>>>,
+}
+
+/// A connected port's receive side.
+pub struct RxSide {
+    memory: GuestMemory,
+    acked_features: AtomicU64,
+    /// The RX vring of each queue pair, once its thread has run.
+    pairs: Vec<RwLock<Option<Vring>>>,
+}
+
+impl RxSide {
+    pub fn new(memory: GuestMemory, queue_pairs: usize) -> Self {
+        RxSide {
+            memory,
+            acked_features: AtomicU64::new(0),
+            pairs: (0..queue_pairs).map(|_| RwLock::new(None)).collect(),
+        }
+    }
+
+    pub fn set_features(&self, acked: u64) {
+        self.acked_features.store(acked, Ordering::Release);
+    }
+
+    pub fn negotiated(&self) -> Negotiated {
+        Negotiated::from_bits(self.acked_features.load(Ordering::Acquire))
+    }
+
+    pub fn publish_vring(&self, pair: usize, vring: &Vring) {
+        if let Some(slot) = self.pairs.get(pair) {
+            let mut slot = slot.write().unwrap_or_else(|p| p.into_inner());
+            if slot.is_none() {
+                *slot = Some(vring.clone());
+            }
+        }
+    }
+
+    pub fn withdraw_vring(&self, pair: usize) {
+        if let Some(slot) = self.pairs.get(pair) {
+            *slot.write().unwrap_or_else(|p| p.into_inner()) = None;
+        }
+    }
+
+    fn vring(&self, pair: usize) -> Option<Vring> {
+        self.pairs
+            .get(pair)?
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+}
+
+impl Port {
+    pub fn publish(&self, rx: Arc<RxSide>) {
+        *self.rx.write().unwrap_or_else(|p| p.into_inner()) = Some(rx);
+    }
+
+    pub fn withdraw(&self) {
+        *self.rx.write().unwrap_or_else(|p| p.into_inner()) = None;
+    }
+
+    fn rx_side(&self) -> Option<Arc<RxSide>> {
+        self.rx.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}
+
+pub struct Card {
+    pub config: VpcConfig,
+    pub switch: Mutex<Switch>,
+    pub ports: Vec<Arc<Port>>,
+    /// The VXLAN socket, when `[vxlan]` is configured.
+    pub vxlan: Option<Arc<UdpSocket>>,
+    epoch: Instant,
+}
+
+impl Card {
+    pub fn new(config: VpcConfig, vxlan: Option<Arc<UdpSocket>>) -> Result<Self, String> {
+        let epoch = Instant::now();
+        if let Some(eni) = config.enis.iter().find(|e| e.queue_pairs > MAX_QUEUE_PAIRS) {
+            return Err(format!(
+                "eni {}: queue_pairs {} is more than the {MAX_QUEUE_PAIRS} a vhost-user port can have",
+                eni.id, eni.queue_pairs
+            ));
+        }
+        let switch = Switch::new(&config);
+        let ports = config
+            .enis
+            .iter()
+            .enumerate()
+            .map(|(id, eni)| {
+                let allowance = |dir: &str| {
+                    Allowance::new(eni.allowance, Duration::ZERO)
+                        .map_err(|e| format!("eni {} allowance ({dir}): {e}", eni.id))
+                };
+                Ok(Arc::new(Port {
+                    id,
+                    eni: eni.clone(),
+                    counters: PortCounters::default(),
+                    outbound: allowance("out")?,
+                    inbound: allowance("in")?,
+                    rx: RwLock::new(None),
+                }))
+            })
+            .collect::<Result<_, String>>()?;
+        Ok(Card {
+            config,
+            switch: Mutex::new(switch),
+            ports,
+            vxlan,
+            epoch,
+        })
+    }
+
+    /// Model time for the token buckets.
+    pub fn now(&self) -> Duration {
+        self.epoch.elapsed()
+    }
+
+    /// The wall-clock instant of a model time.
+    pub fn instant(&self, at: Duration) -> Instant {
+        self.epoch + at
+    }
+
+    pub fn switch(&self) -> std::sync::MutexGuard<'_, Switch> {
+        self.switch.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn snapshot(&self) -> Value {
+        let switch = self.switch();
+        let enis: Vec<Value> = self
+            .ports
+            .iter()
+            .map(|p| {
+                let mut v = p.counters.snapshot();
+                v["id"] = json!(p.eni.id);
+                v["connected"] = json!(p.rx_side().is_some());
+                if let Some(c) = switch.port_counters(p.id) {
+                    v["conntrack_allowance_exceeded"] = json!(c.conntrack_allowance_exceeded);
+                    v["switch"] = switch_counters(c);
+                    v["conntrack_entries"] = json!(switch.conntrack_len(p.id));
+                }
+                v
+            })
+            .collect();
+        let c = switch.counters();
+        json!({
+            "enis": enis,
+            "vxlan_received": c.vxlan_received,
+            "vxlan_drops": switch_counters(&c.vxlan_drops),
+            "uplink_received": c.uplink_received,
+            "uplink_drops": switch_counters(&c.uplink_drops),
+            "arp_requests_sent": c.arp_requests_sent,
+        })
+    }
+
+    /// Acts on the switch's verdict for `frame`, the input the switch saw
+    /// (a guest's frame, or a VXLAN datagram). `frame` is the forwarding
+    /// thread's own buffer: rewrites and offload completion happen in it.
+    pub fn forward(&self, verdict: Verdict, frame: &mut [u8], out: &mut Forwarder) {
+        match verdict {
+            Verdict::ToPort {
+                port,
+                header,
+                frame_offset,
+                rewrite,
+            } => {
+                let Some(frame) = frame.get_mut(frame_offset..) else {
+                    return;
+                };
+                if let Some(r) = rewrite {
+                    r.apply(frame);
+                }
+                self.deliver(port, &header, frame, out);
+            }
+            Verdict::ToVtep {
+                vtep,
+                vxlan_header,
+                header,
+                frame_offset,
+                rewrite,
+            } => {
+                let Some(frame) = frame.get_mut(frame_offset..) else {
+                    return;
+                };
+                if let Some(r) = rewrite {
+                    r.apply(frame);
+                }
+                self.encapsulate(vtep, &vxlan_header, &header, frame, out);
+            }
+            Verdict::Reply { to, mut frame } => match to {
+                Egress::Port(port) => self.deliver(port, &VnetHeader::plain(), &mut frame, out),
+                Egress::Vtep(vtep) => {
+                    if let Some(sender) = out.vxlan.as_mut() {
+                        sender.send(vtep, &[], &frame);
+                    }
+                }
+                Egress::Uplink => {}
+            },
+            Verdict::ToUplink { .. } | Verdict::Drop(_) => {}
+        }
+    }
+
+    fn encapsulate(
+        &self,
+        vtep: SocketAddr,
+        vxlan_header: &[u8; 8],
+        header: &VnetHeader,
+        frame: &mut [u8],
+        out: &mut Forwarder,
+    ) {
+        let Some(sender) = out.vxlan.as_mut() else {
+            return;
+        };
+        if header.is_gso() {
+            let mtu = self.config.vpc.mtu;
+            let _ = vpc::offload::segment(header, frame, mtu, &mut |segment: &[u8]| {
+                sender.send(vtep, vxlan_header, segment);
+            });
+            return;
+        }
+        if header.needs_csum() && vpc::offload::complete_checksum(header, frame).is_err() {
+            return;
+        }
+        sender.send(vtep, vxlan_header, frame);
+    }
+
+    /// Delivers a frame to `port`'s guest: inbound allowance, offloads the
+    /// guest cannot take done in software, then its RX queue.
+    pub fn deliver(
+        &self,
+        port: PortId,
+        header: &VnetHeader,
+        frame: &mut [u8],
+        out: &mut Forwarder,
+    ) {
+        let Some(dst) = self.ports.get(port) else {
+            return;
+        };
+        let Some(rx) = dst.rx_side() else {
+            add(&dst.counters.rx_dropped_port_down, 1);
+            return;
+        };
+        let negotiated = rx.negotiated();
+        if let Err(e) = dst.inbound.take(frame.len() as u64, self.now()) {
+            add(
+                match e {
+                    Exceeded::Bandwidth(_) => &dst.counters.bw_in_allowance_exceeded,
+                    Exceeded::Packets(_) => &dst.counters.pps_allowance_exceeded,
+                },
+                1,
+            );
+            return;
+        }
+        let takes_gso = match header.gso_kind() {
+            vpc::vnet::GSO_NONE => true,
+            vpc::vnet::GSO_TCPV4 => negotiated.guest_tso4,
+            vpc::vnet::GSO_TCPV6 => negotiated.guest_tso6,
+            _ => false,
+        } && (header.gso_type & vpc::vnet::GSO_ECN == 0 || negotiated.guest_ecn);
+        if !takes_gso {
+            add(&dst.counters.rx_segmented, 1);
+            let mtu = dst.eni.mtu;
+            let _ = vpc::offload::segment(header, frame, mtu, &mut |segment: &[u8]| {
+                deliver_one(dst, &rx, negotiated, &VnetHeader::plain(), segment, out);
+            });
+            return;
+        }
+        let mut header = *header;
+        if header.needs_csum() && !negotiated.guest_csum {
+            add(&dst.counters.rx_checksummed, 1);
+            if vpc::offload::complete_checksum(&header, frame).is_err() {
+                return;
+            }
+            header.flags &= !vpc::vnet::F_NEEDS_CSUM;
+        }
+        deliver_one(dst, &rx, negotiated, &header, frame, out);
+    }
+}
+
+/// The switch's per-port counters as JSON: drops by reason (only those
+/// that happened) and the card's own replies.
+fn switch_counters(c: &vpc::switch::PortCounters) -> Value {
+    let drops: serde_json::Map<String, Value> = c
+        .drop_counts()
+        .map(|(r, n)| (r.name().to_owned(), json!(n)))
+        .collect();
+    json!({
+        "forwarded": c.forwarded,
+        "delivered": c.delivered,
+        "drops": drops,
+        "drops_total": c.total_drops(),
+        "arp_replies": c.arp_replies,
+        "dhcp_offers": c.dhcp_offers,
+        "dhcp_acks": c.dhcp_acks,
+        "dhcp_naks": c.dhcp_naks,
+        "icmp_echo_replies": c.icmp_echo_replies,
+    })
+}
+
+/// Picks the queue pair: a flow stays on one pair (the switch's hash of its
+/// addresses and ports would do too; this hashes the IPv4 5-tuple bytes).
+fn pick_pair(frame: &[u8], pairs: usize) -> usize {
+    if pairs <= 1 {
+        return 0;
+    }
+    // Ethernet (14) + IPv4 addresses at 26..34 + ports at 34..38 (no options
+    // assumed: only the choice of queue depends on it).
+    let key = frame.get(26..38).unwrap_or(&[]);
+    let mut h: u32 = 0x811c_9dc5;
+    for b in key {
+        h = (h ^ u32::from(*b)).wrapping_mul(0x0100_0193);
+    }
+    h as usize % pairs
+}
+
+fn deliver_one(
+    dst: &Port,
+    rx: &RxSide,
+    negotiated: Negotiated,
+    header: &VnetHeader,
+    frame: &[u8],
+    out: &mut Forwarder,
+) {
+    let pairs = rx.pairs.len();
+    let first = pick_pair(frame, pairs);
+    // The chosen pair, or the next one the guest has enabled.
+    for i in 0..pairs {
+        let pair = (first + i) % pairs;
+        let Some(vring) = rx.vring(pair) else {
+            continue;
+        };
+        let mut state = vring.get_mut();
+        if !state.is_enabled() || !state.get_queue().ready() {
+            continue;
+        }
+        let memory = rx.memory.memory();
+        let result = chain::deliver_rx(
+            state.get_queue_mut(),
+            &memory,
+            &header.to_bytes(),
+            negotiated.header_len,
+            frame,
+            negotiated.mrg_rxbuf,
+            &mut out.rx,
+        );
+        drop(state);
+        match result {
+            Ok(_) => {
+                add(&dst.counters.rx_packets, 1);
+                add(&dst.counters.rx_bytes, frame.len() as u64);
+                out.mark(dst.id, pair, &vring);
+            }
+            Err(e @ ChainError::NoRxBuffers) => dst.counters.chain_error(e),
+            Err(e) => {
+                dst.counters.chain_error(e);
+                out.mark(dst.id, pair, &vring);
+                warn_limited!(DELIVERY_WARNINGS, eni = %dst.eni.id, error = %e, "receive chain refused");
+            }
+        }
+        return;
+    }
+    add(&dst.counters.rx_dropped_port_down, 1);
+}
+
+/// What a forwarding thread keeps between frames: receive scratch, the RX
+/// vrings it added used entries to (signalled once per batch), and its VXLAN
+/// sender.
+pub struct Forwarder {
+    rx: RxScratch,
+    /// (port, pair, vring) of each RX queue touched in this batch.
+    dirty: Vec<(PortId, usize, Vring)>,
+    pub vxlan: Option<VxlanSender>,
+}
+
+impl Forwarder {
+    pub fn new(queue_size: usize, vxlan: Option<VxlanSender>) -> Self {
+        Forwarder {
+            rx: RxScratch::with_capacity(queue_size),
+            dirty: Vec::with_capacity(16),
+            vxlan,
+        }
+    }
+
+    fn mark(&mut self, port: PortId, pair: usize, vring: &Vring) {
+        if !self.dirty.iter().any(|d| d.0 == port && d.1 == pair) {
+            self.dirty.push((port, pair, vring.clone()));
+        }
+    }
+
+    /// Ends a batch: signals each guest whose RX queue got frames (if
+    /// EVENT_IDX says it wants to know), sends the VXLAN datagrams queued.
+    pub fn flush(&mut self) {
+        for (_, _, vring) in self.dirty.drain(..) {
+            let mut state = vring.get_mut();
+            if !state.get_queue().ready() {
+                continue;
+            }
+            let needs = state.needs_notification().unwrap_or(true);
+            if needs {
+                let _ = state.signal_used_queue();
+            }
+        }
+        if let Some(v) = self.vxlan.as_mut() {
+            v.flush();
+        }
+    }
+}
