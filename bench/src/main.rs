@@ -30,6 +30,10 @@ enum Cmd {
     Blk(BlkArgs),
     /// Our block card against qemu-storage-daemon and raw fio.
     CompareBlk(CompareArgs),
+    /// Our networking card against DPDK's net_vhost PMD, testpmd as the load.
+    CompareNet(net_args::CompareNetArgs),
+    /// Two QEMU guests on our networking card against a Linux bridge (iperf3).
+    CompareNetGuests(net_args::CompareNetGuestsArgs),
 }
 
 #[derive(clap::Args, Debug)]
@@ -103,6 +107,9 @@ struct CompareArgs {
     results: Option<PathBuf>,
 }
 
+#[path = "net/cli.rs"]
+mod net_args;
+
 enum Failure {
     Usage(anyhow::Error),
     Run(anyhow::Error),
@@ -133,6 +140,8 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Cmd::Blk(args) => run_blk(args),
         Cmd::CompareBlk(args) => run_compare(args),
+        Cmd::CompareNet(args) => net_args::run_compare_net(args, exe_dir()),
+        Cmd::CompareNetGuests(args) => net_args::run_compare_net_guests(args, exe_dir()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -20,6 +20,10 @@ const PACKAGES: &[&str] = &[
     "cpio",
     "debootstrap",
     "kmod",
+    // dpdk-testpmd (in dpdk-dev) with the net_vhost and virtio_user PMDs (in
+    // dpdk): the load generator and peer of `cardbench compare-net`.
+    "dpdk",
+    "dpdk-dev",
 ];
 
 const MIRROR: &str = "http://deb.debian.org/debian";
