@@ -6,6 +6,7 @@ pub mod compare;
 pub mod error;
 pub mod frontend;
 pub mod memory;
+pub mod nvme;
 pub mod net;
 pub mod pattern;
 pub mod report;

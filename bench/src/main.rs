@@ -30,6 +30,10 @@ enum Cmd {
     Blk(BlkArgs),
     /// Our block card against qemu-storage-daemon and raw fio.
     CompareBlk(CompareArgs),
+    /// Drive the NVMe card (vfio-user) through the userspace NVMe driver.
+    Nvme(nvme_args::NvmeArgs),
+    /// The NVMe card through the driver against raw fio io_uring.
+    CompareNvme(nvme_args::CompareNvmeArgs),
     /// Our networking card against DPDK's net_vhost PMD, testpmd as the load.
     CompareNet(net_args::CompareNetArgs),
     /// Two QEMU guests on our networking card against a Linux bridge (iperf3).
@@ -110,6 +114,9 @@ struct CompareArgs {
 #[path = "net/cli.rs"]
 mod net_args;
 
+#[path = "nvme/cli.rs"]
+mod nvme_args;
+
 enum Failure {
     Usage(anyhow::Error),
     Run(anyhow::Error),
@@ -140,6 +147,8 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Cmd::Blk(args) => run_blk(args),
         Cmd::CompareBlk(args) => run_compare(args),
+        Cmd::Nvme(args) => nvme_args::run_nvme(args),
+        Cmd::CompareNvme(args) => nvme_args::run_compare_nvme(args, exe_dir()),
         Cmd::CompareNet(args) => net_args::run_compare_net(args, exe_dir()),
         Cmd::CompareNetGuests(args) => net_args::run_compare_net_guests(args, exe_dir()),
     };
