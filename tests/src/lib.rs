@@ -20,6 +20,7 @@ pub mod fio;
 mod guest;
 mod image;
 pub mod net_card;
+pub mod nvme_card;
 pub mod pagecache;
 pub mod sandbox;
 mod vmm;

@@ -1,0 +1,185 @@
+//! Namespaces: local files served as NVMe namespaces, and the
+//! `FILE[,size=BYTES][,lba=512|4096]` form the command line names them in.
+
+use std::path::PathBuf;
+
+use card_firmware::media::{FileMedia, MediaError, MediaOptions};
+
+/// A `--namespace` argument.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NamespaceSpec {
+    pub path: PathBuf,
+    pub size: Option<u64>,
+    pub lba_size: u32,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum NamespaceError {
+    #[error("{0}")]
+    Media(#[from] MediaError),
+    #[error("namespace {path}: size {size} is not a multiple of its {lba_size}-byte LBA")]
+    NotLbaMultiple {
+        path: PathBuf,
+        size: u64,
+        lba_size: u32,
+    },
+}
+
+impl std::str::FromStr for NamespaceSpec {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, String> {
+        let mut parts = text.split(',');
+        let path = parts.next().unwrap_or_default();
+        if path.is_empty() {
+            return Err("a namespace needs a file: FILE[,size=BYTES][,lba=512|4096]".into());
+        }
+        let mut spec = NamespaceSpec {
+            path: PathBuf::from(path),
+            size: None,
+            lba_size: 512,
+        };
+        for part in parts {
+            let (key, value) = part
+                .split_once('=')
+                .ok_or_else(|| format!("{part:?} is not key=value (size=, lba=)"))?;
+            match key {
+                "size" => spec.size = Some(parse_size(value)?),
+                "lba" => {
+                    spec.lba_size = match value {
+                        "512" => 512,
+                        "4096" => 4096,
+                        other => return Err(format!("lba={other}: the LBA size is 512 or 4096")),
+                    }
+                }
+                other => return Err(format!("unknown namespace option {other:?} (size, lba)")),
+            }
+        }
+        if let Some(size) = spec.size {
+            if size == 0 || size % u64::from(spec.lba_size) != 0 {
+                return Err(format!(
+                    "size={size} is not a positive multiple of the {}-byte LBA",
+                    spec.lba_size
+                ));
+            }
+        }
+        Ok(spec)
+    }
+}
+
+/// A size in bytes with an optional binary suffix K, M, G or T.
+pub fn parse_size(text: &str) -> Result<u64, String> {
+    let text = text.trim();
+    let (digits, shift) = match text.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => {
+            let shift = match c.to_ascii_uppercase() {
+                'K' => 10,
+                'M' => 20,
+                'G' => 30,
+                'T' => 40,
+                _ => return Err(format!("unknown size suffix {c:?} (use K, M, G or T)")),
+            };
+            (&text[..i], shift)
+        }
+        _ => (text, 0),
+    };
+    let value: u64 = digits
+        .parse()
+        .map_err(|_| format!("{text:?} is not a size in bytes"))?;
+    value
+        .checked_mul(1 << shift)
+        .ok_or_else(|| format!("{text:?} is too large"))
+}
+
+/// An open namespace.
+#[derive(Debug)]
+pub struct Namespace {
+    pub media: FileMedia,
+    /// log2 of the LBA size.
+    pub lba_shift: u32,
+}
+
+impl Namespace {
+    pub fn open(spec: &NamespaceSpec, direct: bool) -> Result<Self, NamespaceError> {
+        let media = FileMedia::open(
+            &spec.path,
+            &MediaOptions {
+                size: spec.size,
+                read_only: false,
+                direct,
+            },
+        )?;
+        if media.capacity() % u64::from(spec.lba_size) != 0 {
+            return Err(NamespaceError::NotLbaMultiple {
+                path: spec.path.clone(),
+                size: media.capacity(),
+                lba_size: spec.lba_size,
+            });
+        }
+        Ok(Self {
+            media,
+            lba_shift: spec.lba_size.trailing_zeros(),
+        })
+    }
+
+    pub fn lba_size(&self) -> u64 {
+        1 << self.lba_shift
+    }
+
+    /// Capacity in logical blocks (NSZE).
+    pub fn blocks(&self) -> u64 {
+        self.media.capacity() >> self.lba_shift
+    }
+
+    /// The byte range of `count` blocks from `slba`, if inside the namespace.
+    pub fn byte_range(&self, slba: u64, count: u64) -> Option<(u64, u64)> {
+        let end = slba.checked_add(count)?;
+        if end > self.blocks() {
+            return None;
+        }
+        Some((slba << self.lba_shift, count << self.lba_shift))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn specs_parse_with_options() {
+        let s: NamespaceSpec = "/x.img,size=1M,lba=4096".parse().unwrap();
+        assert_eq!(s.path, PathBuf::from("/x.img"));
+        assert_eq!(s.size, Some(1 << 20));
+        assert_eq!(s.lba_size, 4096);
+        let s: NamespaceSpec = "/y.img".parse().unwrap();
+        assert_eq!((s.size, s.lba_size), (None, 512));
+        assert!("/x,lba=1024".parse::<NamespaceSpec>().is_err());
+        assert!("/x,size=1000,lba=512".parse::<NamespaceSpec>().is_err());
+        assert!("/x,size=6K,lba=4096".parse::<NamespaceSpec>().is_err());
+        assert!("/x,colour=red".parse::<NamespaceSpec>().is_err());
+        assert!(",size=1M".parse::<NamespaceSpec>().is_err());
+    }
+
+    #[test]
+    fn a_file_that_is_not_a_whole_number_of_lbas_is_refused() {
+        let f = tempfile::NamedTempFile::new().unwrap();
+        f.as_file().set_len(4096 + 512).unwrap();
+        let spec: NamespaceSpec = format!("{},lba=4096", f.path().display()).parse().unwrap();
+        assert!(matches!(
+            Namespace::open(&spec, false),
+            Err(NamespaceError::NotLbaMultiple { .. })
+        ));
+    }
+
+    #[test]
+    fn ranges_past_the_end_are_refused() {
+        let f = tempfile::NamedTempFile::new().unwrap();
+        f.as_file().set_len(8192).unwrap();
+        let spec: NamespaceSpec = f.path().to_str().unwrap().parse().unwrap();
+        let ns = Namespace::open(&spec, false).unwrap();
+        assert_eq!(ns.blocks(), 16);
+        assert_eq!(ns.byte_range(15, 1), Some((15 * 512, 512)));
+        assert_eq!(ns.byte_range(15, 2), None);
+        assert_eq!(ns.byte_range(u64::MAX, 2), None);
+    }
+}
