@@ -19,8 +19,9 @@ pub const DEFAULT_LEASE_SECS: u32 = 3600;
 pub const DEFAULT_CONNTRACK_ENTRIES: usize = 65536;
 /// Upper bound on `eni.conntrack_entries` (memory stays bounded whatever the file says).
 pub const MAX_CONNTRACK_ENTRIES: usize = 1 << 22;
-/// Upper bound on `eni.queue_pairs` (virtio allows 0x8000; a card port with more is a typo).
-pub const MAX_QUEUE_PAIRS: u16 = 64;
+/// Upper bound on `eni.queue_pairs`: vhost-user-backend maps a port's virtqueues to threads with a u64 mask,
+/// so a port has at most 64 virtqueues = 32 queue pairs.
+pub const MAX_QUEUE_PAIRS: u16 = 32;
 /// The card's virtual router MAC unless `[vpc] router_mac` says otherwise: the gateway of every subnet,
 /// and the MAC answered for addresses behind `[[remote]]`s and the uplink.
 pub const DEFAULT_ROUTER_MAC: MacAddr = MacAddr([0x02, 0xca, 0x5d, 0x00, 0x00, 0x01]);
@@ -378,8 +379,7 @@ fn rule(key: &str, raw: &RawRule, groups: &HashSet<&str>) -> Result<Rule, Config
     Ok(Rule { proto, ports, peer })
 }
 
-fn bucket(key: &str, raw: &Option<RawBucket>) -> Option<BucketConfig> {
-    let _ = key;
+fn bucket(raw: &Option<RawBucket>) -> Option<BucketConfig> {
     raw.as_ref().map(|b| BucketConfig {
         size: b.size,
         one_time_burst: b.one_time_burst,
@@ -638,8 +638,8 @@ impl VpcConfig {
                 None => None,
                 Some(a) => {
                     let config = RateLimiterConfig {
-                        bandwidth: bucket("bandwidth", &a.bandwidth),
-                        ops: bucket("ops", &a.ops),
+                        bandwidth: bucket(&a.bandwidth),
+                        ops: bucket(&a.ops),
                     };
                     if let Some(b) = &a.bandwidth {
                         check_bucket(&format!("{key}.allowance.bandwidth"), b)?;
@@ -1011,7 +1011,7 @@ mod tests {
             (
                 "subnet = \"subnet-a\"",
                 "subnet = \"subnet-a\"\nqueue_pairs = 0",
-                "queue_pairs: 0 is outside 1..=64",
+                "queue_pairs: 0 is outside 1..=32",
             ),
             (
                 "subnet = \"subnet-a\"",

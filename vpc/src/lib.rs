@@ -6,6 +6,8 @@ pub mod addr;
 pub mod arp;
 pub mod config;
 pub mod dhcp;
+pub mod frames;
+pub mod fuzzing;
 pub mod offload;
 pub mod packet;
 pub mod secgroup;

@@ -249,3 +249,369 @@ pub fn segment(
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::addr::MacAddr;
+    use crate::frames;
+    use crate::packet::{TCP_ACK, TCP_CWR, TCP_FIN, TCP_PSH};
+    use crate::vnet::{GSO_UDP, GSO_UDP_L4};
+    use proptest::prelude::*;
+    use std::net::{Ipv4Addr, Ipv6Addr};
+
+    const A: MacAddr = MacAddr([2, 0, 0, 0, 0, 0xa]);
+    const B: MacAddr = MacAddr([2, 0, 0, 0, 0, 0xb]);
+    const IP_A: Ipv4Addr = Ipv4Addr::new(10, 0, 1, 10);
+    const IP_B: Ipv4Addr = Ipv4Addr::new(10, 0, 1, 11);
+
+    /// An Internet checksum written independently of `packet::sum16`/`fold`: 16-bit words added with
+    /// end-around carry one at a time (RFC 1071 §4.1's loop). Returns the complemented sum.
+    fn reference_checksum(parts: &[&[u8]]) -> u16 {
+        let bytes: Vec<u8> = parts.iter().flat_map(|p| p.iter().copied()).collect();
+        let mut sum: u16 = 0;
+        for pair in bytes.chunks(2) {
+            let word = (u16::from(pair[0]) << 8) | u16::from(*pair.get(1).unwrap_or(&0));
+            let (s, carry) = sum.overflowing_add(word);
+            sum = s + u16::from(carry);
+        }
+        !sum
+    }
+
+    /// Whether the TCP checksum (and, for IPv4, the header checksum) of a frame verify, independently.
+    fn checksums_ok(frame: &[u8]) -> bool {
+        let ethertype = u16::from_be_bytes([frame[12], frame[13]]);
+        if ethertype == 0x0800 {
+            let ihl = usize::from(frame[14] & 0xf) * 4;
+            let total = usize::from(u16::from_be_bytes([frame[16], frame[17]]));
+            let ip_ok = reference_checksum(&[&frame[14..14 + ihl]]) == 0;
+            let tcp = &frame[14 + ihl..14 + total];
+            let len = (tcp.len() as u16).to_be_bytes();
+            let pseudo = [&frame[26..34], &[0, 6], &len[..]].concat();
+            ip_ok && reference_checksum(&[&pseudo, tcp]) == 0
+        } else {
+            let plen = usize::from(u16::from_be_bytes([frame[18], frame[19]]));
+            let tcp = &frame[54..54 + plen];
+            let len = (tcp.len() as u32).to_be_bytes();
+            let pseudo = [&frame[22..54], &len[..], &[0, 0, 0, 6]].concat();
+            reference_checksum(&[&pseudo, tcp]) == 0
+        }
+    }
+
+    fn gso_header(kind: u8, gso_size: u16, l4: u16) -> VnetHeader {
+        VnetHeader {
+            flags: F_NEEDS_CSUM,
+            gso_type: kind,
+            hdr_len: l4 + 20,
+            gso_size,
+            csum_start: l4,
+            csum_offset: 16,
+            num_buffers: 0,
+        }
+    }
+
+    fn payload(n: usize) -> Vec<u8> {
+        (0..n).map(|i| (i * 7 + i / 251) as u8).collect()
+    }
+
+    /// Breaks the TCP checksum the way a guest leaves it under GSO (the field holds only a partial sum).
+    fn as_guest_sends(mut f: Vec<u8>, l4: usize) -> Vec<u8> {
+        f[l4 + 16] = 0x12;
+        f[l4 + 17] = 0x34;
+        f
+    }
+
+    fn collect(h: &VnetHeader, f: &[u8], mtu: u16) -> Result<Vec<Vec<u8>>, DropReason> {
+        let mut segs = Vec::new();
+        segment(h, f, mtu, &mut |s: &[u8]| segs.push(s.to_vec()))?;
+        Ok(segs)
+    }
+
+    #[test]
+    fn segments_tcp_v4_with_ids_seqs_flags_and_checksums() {
+        let data = payload(5000);
+        let f = frames::tcp_v4(
+            B,
+            A,
+            IP_A,
+            IP_B,
+            40000,
+            5201,
+            TCP_ACK | TCP_PSH | TCP_FIN | TCP_CWR,
+            &data,
+        );
+        let f = as_guest_sends(f, 34);
+        let h = gso_header(GSO_TCPV4 | crate::vnet::GSO_ECN, 1448, 34);
+        check_tx(&h, &f, 1500).unwrap();
+        let segs = collect(&h, &f, 1500).unwrap();
+        assert_eq!(segs.len(), 4);
+        let mut joined = Vec::new();
+        for (i, s) in segs.iter().enumerate() {
+            assert!(s.len() - 14 <= 1500);
+            assert!(checksums_ok(s), "segment {i}");
+            let ip = packet::ipv4(s).unwrap();
+            assert_eq!(ip.id, 0x1234 + i as u16);
+            assert_eq!(packet::be32(s, 38).unwrap(), 1000 + (i * 1448) as u32);
+            let flags = s[47];
+            assert_eq!(flags & TCP_CWR != 0, i == 0, "CWR on the first only");
+            assert_eq!(
+                flags & (TCP_FIN | TCP_PSH) != 0,
+                i == 3,
+                "FIN/PSH on the last only"
+            );
+            assert!(flags & TCP_ACK != 0);
+            joined.extend_from_slice(&s[54..]);
+        }
+        assert_eq!(joined, data);
+    }
+
+    #[test]
+    fn segments_tcp_v6_and_respects_a_smaller_mtu() {
+        let data = payload(3000);
+        let (s6, d6) = (
+            "fd00::1".parse::<Ipv6Addr>().unwrap(),
+            "fd00::2".parse::<Ipv6Addr>().unwrap(),
+        );
+        let f = as_guest_sends(frames::tcp_v6(B, A, s6, d6, 1, 2, TCP_ACK, &data), 54);
+        let h = gso_header(GSO_TCPV6, 1440, 54);
+        check_tx(&h, &f, 1500).unwrap();
+        // A VXLAN path with a 1280-byte MTU: segments shrink to fit.
+        let segs = collect(&h, &f, 1280).unwrap();
+        assert!(segs.iter().all(|s| s.len() - 14 <= 1280 && checksums_ok(s)));
+        let joined: Vec<u8> = segs.iter().flat_map(|s| s[74..].to_vec()).collect();
+        assert_eq!(joined, data);
+        assert_eq!(segs.len(), 3000usize.div_ceil(1280 - 60));
+    }
+
+    #[test]
+    fn completes_a_partial_checksum() {
+        let f = frames::udp_v4(B, A, IP_A, IP_B, 5000, 53, b"hello, checksum");
+        let good = f.clone();
+        // The driver leaves the pseudo-header sum (uncomplemented) in the field.
+        let mut partial = f.clone();
+        let len = partial.len() - 34;
+        let pseudo = !packet::fold(packet::pseudo_v4(IP_A, IP_B, packet::PROTO_UDP, len));
+        partial[40..42].copy_from_slice(&pseudo.to_be_bytes());
+        let h = VnetHeader {
+            flags: F_NEEDS_CSUM,
+            csum_start: 34,
+            csum_offset: 6,
+            ..Default::default()
+        };
+        complete_checksum(&h, &mut partial).unwrap();
+        assert_eq!(partial, good);
+        let mut short = partial[..38].to_vec();
+        assert_eq!(
+            complete_checksum(&h, &mut short),
+            Err(DropReason::BadVnetHeader)
+        );
+    }
+
+    #[test]
+    fn bad_vnet_headers_are_refused() {
+        let f = frames::tcp_v4(B, A, IP_A, IP_B, 1, 2, TCP_ACK, &payload(3000));
+        let good = gso_header(GSO_TCPV4, 1448, 34);
+        assert_eq!(check_tx(&good, &f, 1500), Ok(()));
+        let cases: &[(VnetHeader, DropReason, &str)] = &[
+            (
+                VnetHeader { flags: 2, ..good },
+                DropReason::BadVnetHeader,
+                "DATA_VALID from a driver",
+            ),
+            (
+                VnetHeader {
+                    flags: 0x81,
+                    ..good
+                },
+                DropReason::BadVnetHeader,
+                "unknown flag",
+            ),
+            (
+                VnetHeader {
+                    gso_type: GSO_UDP,
+                    ..good
+                },
+                DropReason::BadVnetHeader,
+                "UFO not offered",
+            ),
+            (
+                VnetHeader {
+                    gso_type: GSO_UDP_L4,
+                    ..good
+                },
+                DropReason::BadVnetHeader,
+                "USO not offered",
+            ),
+            (
+                VnetHeader {
+                    gso_type: 9,
+                    ..good
+                },
+                DropReason::BadVnetHeader,
+                "unknown GSO type",
+            ),
+            (
+                VnetHeader {
+                    gso_type: GSO_TCPV6,
+                    ..good
+                },
+                DropReason::GsoMismatch,
+                "TCPv6 GSO on IPv4",
+            ),
+            (
+                VnetHeader {
+                    gso_size: 0,
+                    ..good
+                },
+                DropReason::GsoMismatch,
+                "gso_size 0",
+            ),
+            (
+                VnetHeader {
+                    gso_size: 1481,
+                    ..good
+                },
+                DropReason::GsoMismatch,
+                "gso_size above the MTU",
+            ),
+            (
+                VnetHeader { flags: 0, ..good },
+                DropReason::GsoMismatch,
+                "GSO without NEEDS_CSUM",
+            ),
+            (
+                VnetHeader {
+                    csum_start: 30,
+                    ..good
+                },
+                DropReason::GsoMismatch,
+                "csum_start not at TCP",
+            ),
+            (
+                VnetHeader {
+                    csum_offset: 6,
+                    ..good
+                },
+                DropReason::GsoMismatch,
+                "csum_offset not TCP's",
+            ),
+            (
+                VnetHeader {
+                    csum_start: 4000,
+                    ..good
+                },
+                DropReason::BadVnetHeader,
+                "csum_start beyond the frame",
+            ),
+            (
+                VnetHeader {
+                    csum_start: 10,
+                    ..good
+                },
+                DropReason::BadVnetHeader,
+                "csum_start inside the Ethernet header",
+            ),
+            (
+                VnetHeader {
+                    csum_offset: 4000,
+                    ..good
+                },
+                DropReason::BadVnetHeader,
+                "csum_offset beyond the frame",
+            ),
+            (
+                VnetHeader {
+                    hdr_len: 5000,
+                    ..good
+                },
+                DropReason::GsoMismatch,
+                "hdr_len beyond the frame",
+            ),
+            (
+                VnetHeader {
+                    gso_type: crate::vnet::GSO_ECN,
+                    flags: 0,
+                    ..good
+                },
+                DropReason::BadVnetHeader,
+                "ECN without GSO",
+            ),
+        ];
+        for (h, want, what) in cases {
+            assert_eq!(check_tx(h, &f, 1500), Err(*want), "{what}");
+        }
+        // GSO type vs protocol: a UDP packet claiming TCP GSO.
+        let udp = frames::udp_v4(B, A, IP_A, IP_B, 1, 2, &payload(3000));
+        let h = VnetHeader {
+            csum_offset: 16,
+            ..good
+        };
+        assert_eq!(check_tx(&h, &udp, 1500), Err(DropReason::GsoMismatch));
+        // Oversized: a plain frame over the MTU, a GSO frame over 64 KiB.
+        assert_eq!(
+            check_tx(&VnetHeader::default(), &f, 1500),
+            Err(DropReason::Oversized)
+        );
+        let huge = vec![0u8; MAX_GSO_FRAME + 1];
+        assert_eq!(check_tx(&good, &huge, 1500), Err(DropReason::Oversized));
+        // Truncated: shorter than an Ethernet header; a GSO frame cut inside the IP header.
+        assert_eq!(
+            check_tx(&VnetHeader::default(), &f[..13], 1500),
+            Err(DropReason::Truncated)
+        );
+        assert_eq!(
+            check_tx(
+                &VnetHeader {
+                    csum_start: 14,
+                    csum_offset: 0,
+                    ..good
+                },
+                &f[..30],
+                1500
+            ),
+            Err(DropReason::Truncated)
+        );
+    }
+
+    fn arb_gso() -> impl Strategy<Value = (bool, usize, u16, u16, u8)> {
+        (
+            any::<bool>(),
+            0usize..20000,
+            MIN_GSO_SIZE..1500u16,
+            576u16..9001,
+            any::<u8>(),
+        )
+    }
+
+    proptest! {
+        #[test]
+        fn segment_fits_the_mtu_preserves_payload_and_checksums((v6, len, gso_size, mtu, flags) in arb_gso()) {
+            let data = payload(len);
+            let (f, l4, kind) = if v6 {
+                let f = frames::tcp_v6(B, A, "fd00::1".parse().unwrap(), "fd00::2".parse().unwrap(), 1, 2, flags, &data);
+                (f, 54usize, GSO_TCPV6)
+            } else {
+                (frames::tcp_v4(B, A, IP_A, IP_B, 1, 2, flags, &data), 34usize, GSO_TCPV4)
+            };
+            prop_assume!(f.len() <= MAX_GSO_FRAME);
+            let h = gso_header(kind, gso_size, l4 as u16);
+            let segs = collect(&h, &as_guest_sends(f, l4), mtu).unwrap();
+            let mut joined = Vec::new();
+            for s in &segs {
+                prop_assert!(s.len() - 14 <= usize::from(mtu));
+                prop_assert!(checksums_ok(s));
+                joined.extend_from_slice(&s[l4 + 20..]);
+            }
+            prop_assert_eq!(joined, data);
+        }
+
+        #[test]
+        fn check_tx_and_segment_never_panic(h in any::<[u8; 12]>(), f in proptest::collection::vec(any::<u8>(), 0..3000), mtu in 0u16..10000) {
+            let h = VnetHeader::parse(&h).unwrap();
+            let _ = check_tx(&h, &f, mtu);
+            let _ = segment(&h, &f, mtu, &mut |_| {});
+            let mut g = f.clone();
+            let _ = complete_checksum(&h, &mut g);
+        }
+    }
+}

@@ -8,9 +8,7 @@
 //!
 //! Time comes from the caller's `now`; nothing here reads a clock.
 use crate::config::{Proto, Rule, RulePeer};
-use crate::packet::{
-    self, L4, PROTO_ICMP, PROTO_TCP, PROTO_UDP, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN,
-};
+use crate::packet::{self, L4, PROTO_ICMP, PROTO_TCP, PROTO_UDP, TCP_ACK, TCP_FIN, TCP_RST};
 use std::collections::HashMap;
 use std::net::Ipv4Addr;
 use std::time::{Duration, Instant};
@@ -313,7 +311,6 @@ impl Conntrack {
             PROTO_UDP => UDP_TIMEOUT,
             _ => ICMP_TIMEOUT,
         };
-        let _ = TCP_SYN;
         entry.expires = now + timeout;
     }
 
@@ -355,6 +352,7 @@ pub fn rules_allow(
 mod tests {
     use super::*;
     use crate::config::PortRange;
+    use crate::packet::TCP_SYN;
 
     fn tcp(src: [u8; 4], sp: u16, dst: [u8; 4], dp: u16, flags: u8) -> PacketInfo {
         PacketInfo {

@@ -15,7 +15,7 @@ use crate::arp::{self, Arp};
 use crate::config::{ConfigError, Remote, VpcConfig};
 use crate::dhcp;
 use crate::offload;
-use crate::packet::{self, ETHERTYPE_ARP, ETHERTYPE_IPV4, ETH_HLEN, L4, PROTO_ICMP, PROTO_UDP};
+use crate::packet::{self, ETHERTYPE_ARP, ETHERTYPE_IPV4, ETH_HLEN, L4, PROTO_ICMP};
 use crate::secgroup::{self, Conntrack, Decision, Direction, PacketInfo};
 use crate::vnet::VnetHeader;
 use crate::vxlan;
@@ -945,6 +945,9 @@ fn icmp_echo_reply(frame: &[u8], ip: &packet::Ipv4, l4: &L4) -> Option<Vec<u8>> 
     icmp[3] = 0;
     let c = packet::fold(packet::sum16(icmp, 0));
     icmp[2..4].copy_from_slice(&c.to_be_bytes());
-    let _ = PROTO_UDP;
     Some(r)
 }
+
+#[cfg(test)]
+#[path = "switch_tests.rs"]
+mod tests;
