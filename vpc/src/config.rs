@@ -137,7 +137,7 @@ pub struct EniConfig {
     pub conntrack_entries: usize,
 }
 
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Remote {
     pub cidr: Ipv4Cidr,
     pub vtep: SocketAddr,

@@ -144,6 +144,43 @@ pub fn complete_checksum(h: &VnetHeader, frame: &mut [u8]) -> Result<(), DropRea
     Ok(())
 }
 
+/// The header to deliver a peer's frame with when its TCP or UDP checksum is still partial. Linux leaves
+/// CHECKSUM_PARTIAL packets uncompleted when a vxlan device sends them over loopback or a veth: the field
+/// then holds the folded pseudo-header sum. Marking such a frame NEEDS_CSUM lets a guest with GUEST_CSUM take
+/// it as is, and [`complete_checksum`] finish it for one without. Safe for a frame whose checksum happens to
+/// be complete and equal to that sum: completing it yields the same value (the sum over the segment is then
+/// the pseudo-header sum's complement). `None`: deliver with a plain header.
+pub fn partial_checksum_header(frame: &[u8]) -> Option<VnetHeader> {
+    if packet::eth(frame).ok()?.ethertype != ETHERTYPE_IPV4 {
+        return None;
+    }
+    let ip = packet::ipv4(frame).ok()?;
+    if ip.is_fragment() {
+        return None;
+    }
+    let field = match ip.proto {
+        PROTO_TCP => 16,
+        packet::PROTO_UDP => 6,
+        _ => return None,
+    };
+    let l4 = ip.l4_offset();
+    let len = ip.end().checked_sub(l4)?;
+    if len < field + 2 {
+        return None;
+    }
+    let stored = packet::be16(frame, l4 + field)?;
+    if stored == 0 {
+        return None; // UDP without a checksum
+    }
+    let partial = !packet::fold(packet::pseudo_v4(ip.src, ip.dst, ip.proto, len));
+    (stored == partial).then_some(VnetHeader {
+        flags: F_NEEDS_CSUM,
+        csum_start: l4 as u16,
+        csum_offset: field as u16,
+        ..VnetHeader::default()
+    })
+}
+
 fn packet_end(frame: &[u8]) -> Option<usize> {
     match packet::eth(frame).ok()?.ethertype {
         ETHERTYPE_IPV4 => packet::ipv4(frame).ok().map(|ip| ip.end()),
@@ -571,6 +608,49 @@ mod tests {
             ),
             Err(DropReason::Truncated)
         );
+    }
+
+    #[test]
+    fn a_partial_checksum_from_a_peer_is_recognised_and_completed() {
+        let good = frames::tcp_v4(B, A, IP_A, IP_B, 1, 2, TCP_ACK, &payload(700));
+        assert_eq!(
+            partial_checksum_header(&good),
+            None,
+            "a complete checksum is left alone"
+        );
+        let mut partial = good.clone();
+        let p = !packet::fold(packet::pseudo_v4(IP_A, IP_B, PROTO_TCP, good.len() - 34));
+        partial[50..52].copy_from_slice(&p.to_be_bytes());
+        let h = partial_checksum_header(&partial).expect("recognised as partial");
+        assert_eq!(
+            (h.csum_start, h.csum_offset, h.flags),
+            (34, 16, F_NEEDS_CSUM)
+        );
+        complete_checksum(&h, &mut partial).unwrap();
+        assert!(checksums_ok(&partial));
+        assert_eq!(partial, good);
+    }
+
+    proptest! {
+        /// A complete checksum that happens to equal the pseudo-header sum is recognised as partial;
+        /// completing it must leave the frame unchanged (so the recognition is safe whatever the payload).
+        #[test]
+        fn completing_a_checksum_that_only_looks_partial_changes_nothing(data in proptest::collection::vec(any::<u8>(), 2..300)) {
+            let mut f = frames::tcp_v4(B, A, IP_A, IP_B, 1, 2, TCP_ACK, &data);
+            let len = f.len() - 34;
+            let p = !packet::fold(packet::pseudo_v4(IP_A, IP_B, PROTO_TCP, len));
+            // Store P as the checksum and choose the first payload word so the checksum is valid.
+            f[50..52].copy_from_slice(&p.to_be_bytes());
+            f[54..56].copy_from_slice(&[0, 0]);
+            let w = packet::fold(packet::sum16(&f[34..], packet::pseudo_v4(IP_A, IP_B, PROTO_TCP, len)));
+            f[54..56].copy_from_slice(&w.to_be_bytes());
+            prop_assert!(checksums_ok(&f));
+            let h = partial_checksum_header(&f).expect("looks partial");
+            let before = f.clone();
+            complete_checksum(&h, &mut f).unwrap();
+            prop_assert!(checksums_ok(&f));
+            prop_assert_eq!(f, before);
+        }
     }
 
     fn arb_gso() -> impl Strategy<Value = (bool, usize, u16, u16, u8)> {

@@ -263,8 +263,40 @@ pub struct SwitchCounters {
 /// address replaces nothing and is not learned (the card asks by ARP each time instead).
 const MAX_NEIGHBORS: usize = 4096;
 
+/// How many fragmented datagrams the switch remembers at once, and for how long (Linux's ipfrag_time).
+const MAX_FRAGMENTED: usize = 256;
+const FRAGMENT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// IPv4 datagrams whose first fragment (the one with the transport header) the security groups allowed:
+/// their later fragments follow without a transport header to check. Keyed as reassembly is, by
+/// (source, destination, protocol, id); bounded, oldest forgotten first.
+#[derive(Default)]
+struct Fragments {
+    allowed: std::collections::VecDeque<((Ipv4Addr, Ipv4Addr, u8, u16), Instant)>,
+}
+
+impl Fragments {
+    fn key(ip: &packet::Ipv4) -> (Ipv4Addr, Ipv4Addr, u8, u16) {
+        (ip.src, ip.dst, ip.proto, ip.id)
+    }
+
+    fn remember(&mut self, ip: &packet::Ipv4, now: Instant) {
+        if self.allowed.len() >= MAX_FRAGMENTED {
+            self.allowed.pop_front();
+        }
+        self.allowed
+            .push_back((Self::key(ip), now + FRAGMENT_TIMEOUT));
+    }
+
+    fn is_allowed(&self, ip: &packet::Ipv4, now: Instant) -> bool {
+        let key = Self::key(ip);
+        self.allowed
+            .iter()
+            .any(|(k, until)| *k == key && *until > now)
+    }
+}
+
 struct Port {
-    groups: Vec<usize>,
     conntrack: Conntrack,
     counters: PortCounters,
 }
@@ -272,11 +304,15 @@ struct Port {
 pub struct Switch {
     config: VpcConfig,
     ports: Vec<Port>,
+    /// Each port's security groups (indices into `config.security_groups`), apart from `ports` so rules can
+    /// be read while a port's connection table is borrowed mutably.
+    port_groups: Vec<Vec<usize>>,
     by_ip: HashMap<Ipv4Addr, PortId>,
     /// Learned MACs of hosts behind `[[remote]]`s.
     neighbors: HashMap<Ipv4Addr, MacAddr>,
     uplink_mac: Option<MacAddr>,
     counters: SwitchCounters,
+    fragments: Fragments,
 }
 
 /// Where a routed IPv4 packet goes.
@@ -294,13 +330,18 @@ impl Switch {
             .enis
             .iter()
             .map(|e| Port {
-                groups: e
-                    .security_groups
-                    .iter()
-                    .filter_map(|g| config.security_groups.iter().position(|s| &s.id == g))
-                    .collect(),
                 conntrack: Conntrack::new(e.conntrack_entries),
                 counters: PortCounters::default(),
+            })
+            .collect();
+        let port_groups = config
+            .enis
+            .iter()
+            .map(|e| {
+                e.security_groups
+                    .iter()
+                    .filter_map(|g| config.security_groups.iter().position(|s| &s.id == g))
+                    .collect()
             })
             .collect();
         Switch {
@@ -312,9 +353,11 @@ impl Switch {
                 .collect(),
             config: config.clone(),
             ports,
+            port_groups,
             neighbors: HashMap::new(),
             uplink_mac: config.uplink.as_ref().and_then(|u| u.peer_mac),
             counters: SwitchCounters::default(),
+            fragments: Fragments::default(),
         }
     }
 
@@ -348,7 +391,7 @@ impl Switch {
     ) -> Result<(), ConfigError> {
         let key = format!("eni[{port}].security_groups");
         let p = self
-            .ports
+            .port_groups
             .get_mut(port)
             .ok_or_else(|| ConfigError::Invalid {
                 key: key.clone(),
@@ -367,7 +410,7 @@ impl Switch {
                 })?;
             ids.push(i);
         }
-        p.groups = ids;
+        *p = ids;
         self.config.enis[port].security_groups = groups.to_vec();
         Ok(())
     }
@@ -396,36 +439,63 @@ impl Switch {
         self.config.uplink.as_ref().map(|_| Route::Uplink)
     }
 
-    /// Whether `ip` is an ENI of this card in security group `group` (for `source_group` rules).
-    fn in_group(&self, group: &str, ip: Ipv4Addr) -> bool {
-        let Some(gi) = self
-            .config
-            .security_groups
-            .iter()
-            .position(|s| s.id == group)
-        else {
-            return false;
+    /// The security-group decision for `pkt` crossing `port` in `dir`. Rules are evaluated only for a
+    /// packet that no tracked flow explains.
+    fn decide(&mut self, port: PortId, pkt: &PacketInfo, dir: Direction, now: Instant) -> Decision {
+        let Switch {
+            config,
+            ports,
+            port_groups,
+            by_ip,
+            ..
+        } = self;
+        let groups = &port_groups[port];
+        // Whether `ip` is an ENI of this card in security group `group` (for `source_group` rules).
+        let in_group = |group: &str, ip: Ipv4Addr| -> bool {
+            let Some(gi) = config.security_groups.iter().position(|s| s.id == group) else {
+                return false;
+            };
+            by_ip
+                .get(&ip)
+                .is_some_and(|&p| port_groups[p].contains(&gi))
         };
-        self.by_ip
-            .get(&ip)
-            .is_some_and(|&p| self.ports[p].groups.contains(&gi))
+        let allow = || {
+            // An ENI without security groups may send anything (and receives only return traffic).
+            (dir == Direction::Outbound && groups.is_empty())
+                || groups.iter().any(|&g| {
+                    let sg = &config.security_groups[g];
+                    let rules = match dir {
+                        Direction::Inbound => &sg.ingress,
+                        Direction::Outbound => &sg.egress,
+                    };
+                    secgroup::rules_allow(rules, pkt, dir, &in_group)
+                })
+        };
+        ports[port].conntrack.decide(pkt, dir, now, allow)
     }
 
-    /// The security-group decision for `pkt` crossing `port` in `dir`.
-    fn decide(&mut self, port: PortId, pkt: &PacketInfo, dir: Direction, now: Instant) -> Decision {
-        let groups = self.ports[port].groups.clone();
-        let allow = || {
-            groups.iter().any(|&g| {
-                let sg = &self.config.security_groups[g];
-                let rules = match dir {
-                    Direction::Inbound => &sg.ingress,
-                    Direction::Outbound => &sg.egress,
-                };
-                secgroup::rules_allow(rules, pkt, dir, &|g, ip| self.in_group(g, ip))
-            }) || (dir == Direction::Outbound && groups.is_empty())
-        };
-        let allowed = allow();
-        self.ports[port].conntrack.decide(pkt, dir, now, || allowed)
+    /// The security-group check of an IPv4 packet from `src` to `dst` (ports, if any): a later fragment
+    /// passes if its first fragment did; anything else goes through [`Switch::filter`], and a first
+    /// fragment that passes is remembered for the rest.
+    fn admit(
+        &mut self,
+        src: Option<PortId>,
+        dst: Option<PortId>,
+        ip: &packet::Ipv4,
+        pkt: &PacketInfo,
+        now: Instant,
+    ) -> Result<(), (PortId, DropReason)> {
+        if ip.frag_offset != 0 {
+            if self.fragments.is_allowed(ip, now) {
+                return Ok(());
+            }
+            return Err((src.or(dst).unwrap_or_default(), DropReason::Fragment));
+        }
+        self.filter(src, dst, pkt, now)?;
+        if ip.more_fragments {
+            self.fragments.remember(ip, now);
+        }
+        Ok(())
     }
 
     /// Checks `pkt` out of `src` (if a port) and into `dst` (if a port); commits both or neither.
@@ -575,16 +645,13 @@ impl Switch {
                 {
                     return Err(here(DropReason::Broadcast));
                 }
-                if ip.frag_offset != 0 {
-                    return Err(here(DropReason::Fragment));
-                }
                 let pkt = PacketInfo::from_ipv4(frame, &ip, &l4);
                 match self.route(ip.dst).ok_or(here(DropReason::NoRoute))? {
                     Route::Gateway => {
                         if eth.dst != router_mac {
                             return Err(here(DropReason::NoRoute));
                         }
-                        self.filter(Some(port), None, &pkt, now)?;
+                        self.admit(Some(port), None, &ip, &pkt, now)?;
                         let reply =
                             icmp_echo_reply(frame, &ip, &l4).ok_or(here(DropReason::NoRoute))?;
                         self.ports[port].counters.icmp_echo_replies += 1;
@@ -605,7 +672,7 @@ impl Switch {
                         } else {
                             return Err(here(DropReason::NoRoute));
                         };
-                        self.filter(Some(port), Some(to), &pkt, now)?;
+                        self.admit(Some(port), Some(to), &ip, &pkt, now)?;
                         Ok(Verdict::ToPort {
                             port: to,
                             header: *header,
@@ -619,7 +686,7 @@ impl Switch {
                         }
                         let vtep = r.vtep;
                         let next = self.neighbors.get(&ip.dst).copied();
-                        self.filter(Some(port), None, &pkt, now)?;
+                        self.admit(Some(port), None, &ip, &pkt, now)?;
                         match next {
                             Some(mac) => Ok(Verdict::ToVtep {
                                 vtep,
@@ -647,7 +714,7 @@ impl Switch {
                         if eth.dst != router_mac {
                             return Err(here(DropReason::NoRoute));
                         }
-                        self.filter(Some(port), None, &pkt, now)?;
+                        self.admit(Some(port), None, &ip, &pkt, now)?;
                         let dst = self.uplink_mac.unwrap_or(MacAddr::BROADCAST);
                         Ok(Verdict::ToUplink {
                             header: *header,
@@ -731,7 +798,7 @@ impl Switch {
             .iter()
             .position(|r| r.vtep.ip() == peer.ip())
             .ok_or(nowhere(DropReason::UnknownVtep))?;
-        let remote = self.config.remotes[ri].clone();
+        let remote = self.config.remotes[ri];
         let router_mac = self.config.vpc.router_mac;
         if inner.len() > usize::from(self.config.vpc.mtu) + ETH_HLEN {
             return Err(nowhere(DropReason::Oversized));
@@ -751,8 +818,12 @@ impl Switch {
                     return Err(nowhere(DropReason::ArpIgnored));
                 }
                 // Local ENIs (and gateways) are behind the card's router, as seen from a remote host.
+                // Also the first host of the remote's own block, the conventional gateway a plain Linux host
+                // there may route through, unless a host there has been seen using that address.
                 let ours = self.by_ip.contains_key(&a.target_ip)
-                    || self.config.subnets.iter().any(|s| s.gateway == a.target_ip);
+                    || self.config.subnets.iter().any(|s| s.gateway == a.target_ip)
+                    || (remote.cidr.nth(1) == Some(a.target_ip)
+                        && !self.neighbors.contains_key(&a.target_ip));
                 if !ours {
                     return Err(nowhere(DropReason::ArpIgnored));
                 }
@@ -777,16 +848,13 @@ impl Switch {
                 if eth.dst != router_mac && eth.dst != to_mac {
                     return Err((Some(to), DropReason::NoRoute));
                 }
-                if ip.frag_offset != 0 {
-                    return Err((Some(to), DropReason::Fragment));
-                }
                 let l4 = packet::l4(inner, &ip).map_err(|r| (Some(to), r))?;
                 let pkt = PacketInfo::from_ipv4(inner, &ip, &l4);
-                self.filter(None, Some(to), &pkt, now)
+                self.admit(None, Some(to), &ip, &pkt, now)
                     .map_err(|(p, r)| (Some(p), r))?;
                 Ok(Verdict::ToPort {
                     port: to,
-                    header: VnetHeader::plain(),
+                    header: offload::partial_checksum_header(inner).unwrap_or_default(),
                     frame_offset: vxlan::HEADER_LEN,
                     rewrite: Some(EthRewrite {
                         dst: to_mac,
@@ -891,12 +959,9 @@ impl Switch {
                 {
                     self.uplink_mac = Some(eth.src);
                 }
-                if ip.frag_offset != 0 {
-                    return Err((Some(to), DropReason::Fragment));
-                }
                 let l4 = packet::l4(frame, &ip).map_err(|r| (Some(to), r))?;
                 let pkt = PacketInfo::from_ipv4(frame, &ip, &l4);
-                self.filter(None, Some(to), &pkt, now)
+                self.admit(None, Some(to), &ip, &pkt, now)
                     .map_err(|(p, r)| (Some(p), r))?;
                 let to_mac = self.config.enis[to].mac;
                 Ok(Verdict::ToPort {

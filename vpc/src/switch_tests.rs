@@ -848,3 +848,193 @@ proptest! {
         let _ = sw.from_vxlan(&d, vtep(), Instant::now());
     }
 }
+
+// ---- fragments, uplink, peers' partial checksums ---------------------------------------------------------------
+
+/// Splits an IPv4 frame's payload at `at` (a multiple of 8) into two fragments.
+fn fragments(f: &[u8], at: usize) -> (Vec<u8>, Vec<u8>) {
+    let ip = packet::ipv4(f).unwrap();
+    let payload = &f[ip.l4_offset()..ip.end()];
+    let head = &f[..ip.l4_offset()];
+    let mk = |part: &[u8], offset: usize, more: bool| {
+        let mut g = head.to_vec();
+        g.extend_from_slice(part);
+        let total = (20 + part.len()) as u16;
+        g[16..18].copy_from_slice(&total.to_be_bytes());
+        let frag = ((offset / 8) as u16) | if more { 0x2000 } else { 0 };
+        g[20..22].copy_from_slice(&frag.to_be_bytes());
+        packet::set_ipv4_checksum(&mut g[14..34]);
+        g
+    };
+    (mk(&payload[..at], 0, true), mk(&payload[at..], at, false))
+}
+
+#[test]
+fn later_fragments_follow_an_allowed_first_fragment_only() {
+    let mut sw = switch();
+    let now = Instant::now();
+    let big = frames::udp_v4(MAC_B, MAC_A, IP_A, IP_B, 5000, 7001, &[3u8; 1000]);
+    let (first, second) = fragments(&big, 512);
+    assert!(matches!(
+        sw.from_port(A, &plain(), &first, now),
+        Verdict::ToPort { port: B, .. }
+    ));
+    assert!(matches!(
+        sw.from_port(A, &plain(), &second, now),
+        Verdict::ToPort { port: B, .. }
+    ));
+    // A later fragment of a datagram whose first fragment was refused (port 9 is closed) does not pass.
+    let closed = frames::udp_v4(MAC_B, MAC_A, IP_A, IP_B, 5000, 9, &[3u8; 1000]);
+    let (first, mut second) = fragments(&closed, 512);
+    second[18..20].copy_from_slice(&0x4321u16.to_be_bytes());
+    packet::set_ipv4_checksum(&mut second[14..34]);
+    assert_eq!(
+        sw.from_port(A, &plain(), &first, now),
+        Verdict::Drop(DropReason::SecurityGroup)
+    );
+    expect_drop(&mut sw, A, &plain(), &second, DropReason::Fragment);
+    // And the remembered datagram expires.
+    let (_, second) = fragments(&big, 512);
+    let later = now + Duration::from_secs(31);
+    assert_eq!(
+        sw.from_port(A, &plain(), &second, later),
+        Verdict::Drop(DropReason::Fragment)
+    );
+}
+
+fn uplink_switch() -> Switch {
+    let text = format!(
+        "{}\n[uplink]\ntap = \"cardsim-up0\"\n",
+        crate::fuzzing::CONFIG
+    );
+    Switch::new(&VpcConfig::parse(&text).unwrap())
+}
+
+#[test]
+fn the_uplink_takes_what_is_outside_the_vpc_and_learns_the_hosts_mac() {
+    let mut sw = uplink_switch();
+    let now = Instant::now();
+    let host_mac = MacAddr([0x5a, 1, 2, 3, 4, 5]);
+    let host = Ipv4Addr::new(192, 168, 50, 1);
+    let out = frames::icmp_echo(ROUTER, MAC_A, IP_A, host, 8, 5);
+    assert_eq!(
+        sw.from_port(A, &plain(), &out, now),
+        Verdict::ToUplink {
+            header: plain(),
+            frame_offset: 0,
+            rewrite: Some(EthRewrite {
+                dst: MacAddr::BROADCAST,
+                src: ROUTER
+            })
+        }
+    );
+    // The host asks for the ENI on the tap: answered with the router MAC, and its MAC is learned.
+    let v = sw.from_uplink(&plain(), &arp::request(host_mac, host, IP_A), now);
+    let Verdict::Reply {
+        to: Egress::Uplink,
+        frame,
+    } = v
+    else {
+        panic!("{v:?}")
+    };
+    assert_eq!(arp::parse(&frame).unwrap().sender_mac, ROUTER);
+    let back = frames::icmp_echo(ROUTER, host_mac, host, IP_A, 0, 5);
+    assert_eq!(
+        sw.from_uplink(&plain(), &back, now),
+        Verdict::ToPort {
+            port: A,
+            header: plain(),
+            frame_offset: 0,
+            rewrite: Some(EthRewrite {
+                dst: MAC_A,
+                src: ROUTER
+            })
+        }
+    );
+    assert!(
+        matches!(sw.from_port(A, &plain(), &out, now), Verdict::ToUplink { rewrite: Some(EthRewrite { dst, .. }), .. } if dst == host_mac)
+    );
+    // Inside the VPC but unassigned: not sent up. From the uplink with a VPC source: spoofed.
+    let f = frames::icmp_echo(ROUTER, MAC_A, IP_A, Ipv4Addr::new(10, 0, 9, 9), 8, 5);
+    assert_eq!(
+        sw.from_port(A, &plain(), &f, now),
+        Verdict::Drop(DropReason::NoRoute)
+    );
+    let f = frames::icmp_echo(ROUTER, host_mac, IP_B, IP_A, 8, 5);
+    assert_eq!(
+        sw.from_uplink(&plain(), &f, now),
+        Verdict::Drop(DropReason::SpoofedIp)
+    );
+    assert_eq!(sw.counters().uplink_drops.drops(DropReason::SpoofedIp), 1);
+    // Without an [uplink], nothing comes from one and outside addresses have no route.
+    let mut plain_sw = switch();
+    assert_eq!(
+        plain_sw.from_uplink(&plain(), &back, now),
+        Verdict::Drop(DropReason::NoRoute)
+    );
+    assert_eq!(
+        plain_sw.from_port(A, &plain(), &out, now),
+        Verdict::Drop(DropReason::NoRoute)
+    );
+}
+
+#[test]
+fn a_partial_checksum_from_a_linux_vxlan_peer_is_marked_needs_csum() {
+    let mut sw = switch();
+    let now = Instant::now();
+    let mut f = frames::tcp_v4(
+        ROUTER,
+        REMOTE_MAC,
+        REMOTE_HOST,
+        IP_A,
+        3333,
+        5201,
+        TCP_SYN,
+        b"",
+    );
+    let p = !packet::fold(packet::pseudo_v4(REMOTE_HOST, IP_A, packet::PROTO_TCP, 20));
+    f[50..52].copy_from_slice(&p.to_be_bytes());
+    let v = from_remote(&mut sw, &f, now);
+    let Verdict::ToPort {
+        header,
+        frame_offset: 8,
+        ..
+    } = v
+    else {
+        panic!("{v:?}")
+    };
+    assert_eq!(
+        (header.flags, header.csum_start, header.csum_offset),
+        (F_NEEDS_CSUM, 34, 16)
+    );
+}
+
+#[test]
+fn a_remote_hosts_arp_for_its_gateway_is_answered() {
+    let mut sw = switch();
+    let v = from_remote(
+        &mut sw,
+        &arp::request(REMOTE_MAC, REMOTE_HOST, Ipv4Addr::new(10, 0, 2, 1)),
+        Instant::now(),
+    );
+    assert!(
+        matches!(
+            v,
+            Verdict::Reply {
+                to: Egress::Vtep(_),
+                ..
+            }
+        ),
+        "{v:?}"
+    );
+    let v = from_remote(
+        &mut sw,
+        &arp::request(REMOTE_MAC, REMOTE_HOST, Ipv4Addr::new(10, 0, 2, 9)),
+        Instant::now(),
+    );
+    assert_eq!(
+        v,
+        Verdict::Drop(DropReason::ArpIgnored),
+        "another remote host: its own business"
+    );
+}
