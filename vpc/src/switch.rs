@@ -17,7 +17,7 @@ use crate::dhcp;
 use crate::offload;
 use crate::packet::{self, ETHERTYPE_ARP, ETHERTYPE_IPV4, ETH_HLEN, L4, PROTO_ICMP};
 use crate::secgroup::{self, Conntrack, Decision, Direction, PacketInfo};
-use crate::vnet::VnetHeader;
+use crate::vnet::{self, VnetHeader};
 use crate::vxlan;
 use std::collections::HashMap;
 use std::net::{Ipv4Addr, SocketAddr};
@@ -908,6 +908,12 @@ impl Switch {
         if self.config.uplink.is_none() {
             return Err(nowhere(DropReason::NoRoute));
         }
+        // A tap with IFF_VNET_HDR marks checksums the host verified with DATA_VALID (tun_put_user); that is
+        // the only difference from a driver's header, and it carries no meaning onward.
+        let header = &VnetHeader {
+            flags: header.flags & !vnet::F_DATA_VALID,
+            ..*header
+        };
         offload::check_tx(header, frame, self.config.vpc.mtu).map_err(nowhere)?;
         let eth = packet::eth(frame).map_err(nowhere)?;
         if eth.src.is_multicast() {

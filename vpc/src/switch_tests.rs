@@ -939,8 +939,12 @@ fn the_uplink_takes_what_is_outside_the_vpc_and_learns_the_hosts_mac() {
     };
     assert_eq!(arp::parse(&frame).unwrap().sender_mac, ROUTER);
     let back = frames::icmp_echo(ROUTER, host_mac, host, IP_A, 0, 5);
+    let data_valid = VnetHeader {
+        flags: crate::vnet::F_DATA_VALID,
+        ..plain()
+    };
     assert_eq!(
-        sw.from_uplink(&plain(), &back, now),
+        sw.from_uplink(&data_valid, &back, now),
         Verdict::ToPort {
             port: A,
             header: plain(),
