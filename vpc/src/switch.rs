@@ -262,6 +262,8 @@ pub struct SwitchCounters {
 /// Remote neighbours learned from VXLAN traffic (inner source IP → MAC). Bounded: when full, a new
 /// address replaces nothing and is not learned (the card asks by ARP each time instead).
 const MAX_NEIGHBORS: usize = 4096;
+/// How long the card waits before asking again for a remote address that has not answered.
+const ARP_RETRY: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// How many fragmented datagrams the switch remembers at once, and for how long (Linux's ipfrag_time).
 const MAX_FRAGMENTED: usize = 256;
@@ -310,6 +312,8 @@ pub struct Switch {
     by_ip: HashMap<Ipv4Addr, PortId>,
     /// Learned MACs of hosts behind `[[remote]]`s.
     neighbors: HashMap<Ipv4Addr, MacAddr>,
+    /// When the card last asked for an unresolved remote address.
+    arp_asked: HashMap<Ipv4Addr, Instant>,
     uplink_mac: Option<MacAddr>,
     counters: SwitchCounters,
     fragments: Fragments,
@@ -355,6 +359,7 @@ impl Switch {
             ports,
             port_groups,
             neighbors: HashMap::new(),
+            arp_asked: HashMap::new(),
             uplink_mac: config.uplink.as_ref().and_then(|u| u.peer_mac),
             counters: SwitchCounters::default(),
             fragments: Fragments::default(),
@@ -699,6 +704,9 @@ impl Switch {
                                 }),
                             }),
                             None => {
+                                if !self.may_ask(ip.dst, now) {
+                                    return Err(here(DropReason::NeighborUnknown));
+                                }
                                 self.ports[port].counters.drop(DropReason::NeighborUnknown);
                                 self.counters.arp_requests_sent += 1;
                                 let mut d = vxlan::header(self.config.vpc.vni).to_vec();
@@ -864,6 +872,26 @@ impl Switch {
             }
             _ => Err(nowhere(DropReason::Unsupported)),
         }
+    }
+
+    /// Whether the card may send an ARP request for `ip` now: at most one per address per
+    /// [`ARP_RETRY`], so a guest blasting at an unresolved address does not turn into an ARP flood.
+    fn may_ask(&mut self, ip: Ipv4Addr, now: Instant) -> bool {
+        if self
+            .arp_asked
+            .get(&ip)
+            .is_some_and(|&t| now < t + ARP_RETRY)
+        {
+            return false;
+        }
+        if self.arp_asked.len() >= MAX_NEIGHBORS {
+            self.arp_asked.retain(|_, t| now < *t + ARP_RETRY);
+            if self.arp_asked.len() >= MAX_NEIGHBORS {
+                return false;
+            }
+        }
+        self.arp_asked.insert(ip, now);
+        true
     }
 
     fn learn(&mut self, ip: Ipv4Addr, mac: MacAddr) {

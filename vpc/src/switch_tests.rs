@@ -513,6 +513,24 @@ fn remote_traffic_asks_by_arp_then_encapsulates_to_the_learned_mac() {
         (arp::OP_REQUEST, REMOTE_HOST, IP_A, ROUTER)
     );
     assert_eq!(drops(&sw, A, DropReason::NeighborUnknown), 1);
+    // Asked once per second at most: a second packet right away is only dropped.
+    assert_eq!(
+        sw.from_port(A, &plain(), &ping, now),
+        Verdict::Drop(DropReason::NeighborUnknown)
+    );
+    assert_eq!(drops(&sw, A, DropReason::NeighborUnknown), 2);
+    assert_eq!(sw.counters().arp_requests_sent, 1);
+    let v = sw.from_port(A, &plain(), &ping, now + Duration::from_secs(1));
+    assert!(
+        matches!(
+            v,
+            Verdict::Reply {
+                to: Egress::Vtep(_),
+                ..
+            }
+        ),
+        "asked again after a second"
+    );
     // The remote answers over VXLAN: learned.
     let answer = arp::reply(&req, REMOTE_MAC);
     assert_eq!(
