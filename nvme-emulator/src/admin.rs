@@ -448,7 +448,7 @@ impl Controller {
         put(&mut p, 64, c.read_commands.load(Ordering::Relaxed));
         put(&mut p, 80, c.write_commands.load(Ordering::Relaxed));
         put(&mut p, 112, 1); // power cycles
-        put(&mut p, 176, c.errors.load(Ordering::Relaxed));
+        put(&mut p, 176, c.io_errors.load(Ordering::Relaxed));
         p
     }
 

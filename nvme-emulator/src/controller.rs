@@ -111,7 +111,12 @@ pub struct Counters {
     pub bytes_read: AtomicU64,
     pub bytes_written: AtomicU64,
     pub other_commands: AtomicU64,
-    pub errors: AtomicU64,
+    pub flush_commands: AtomicU64,
+    pub deallocate_commands: AtomicU64,
+    /// Admin commands that completed with an error status.
+    pub admin_errors: AtomicU64,
+    /// I/O commands that completed with an error status.
+    pub io_errors: AtomicU64,
     pub doorbell_writes: AtomicU64,
     pub resets: AtomicU64,
 }
@@ -707,8 +712,8 @@ impl Controller {
             let cmd = Command::from_bytes(&raw);
             if let Some((status, dw0)) = self.admin_command(st, &mem, &cmd) {
                 if !status.is_success() {
-                    self.counters.errors.fetch_add(1, Ordering::Relaxed);
-                    tracing::debug!(opcode = cmd.opcode(), %status, "admin command failed");
+                    self.counters.admin_errors.fetch_add(1, Ordering::Relaxed);
+                    tracing::debug!(opcode = cmd.opcode(), cdw10 = cmd.cdw(10), %status, "admin command failed");
                 }
                 st.pending.push_back(Completion {
                     dw0,
@@ -778,7 +783,10 @@ impl Controller {
             "bytes_read": get(&c.bytes_read),
             "bytes_written": get(&c.bytes_written),
             "other_commands": get(&c.other_commands),
-            "errors": get(&c.errors),
+            "flush_commands": get(&c.flush_commands),
+            "deallocate_commands": get(&c.deallocate_commands),
+            "admin_errors": get(&c.admin_errors),
+            "io_errors": get(&c.io_errors),
             "doorbell_writes": get(&c.doorbell_writes),
             "resets": get(&c.resets),
             "shadow_doorbells": self.doorbell_buffers().is_some(),

@@ -235,7 +235,7 @@ impl IoWorker {
             let cmd = Command::from_bytes(&raw);
             if let Err(status) = self.start(mem, &cmd) {
                 if !status.is_success() {
-                    self.ctrl.counters.errors.fetch_add(1, Ordering::Relaxed);
+                    self.ctrl.counters.io_errors.fetch_add(1, Ordering::Relaxed);
                 }
                 self.finish(cmd.cid(), status);
             }
@@ -267,7 +267,7 @@ impl IoWorker {
                 .iter()
                 .map(|ns| ns.media.flush())
                 .collect();
-            counters.other_commands.fetch_add(1, Ordering::Relaxed);
+            counters.flush_commands.fetch_add(1, Ordering::Relaxed);
             return self.submit(cmd.cid(), Kind::Other, 0, Vec::new(), mem, entries);
         }
         let ns = ctrl.namespace(cmd.nsid())?;
@@ -335,7 +335,7 @@ impl IoWorker {
                 }
             }
             io::FLUSH => {
-                counters.other_commands.fetch_add(1, Ordering::Relaxed);
+                counters.flush_commands.fetch_add(1, Ordering::Relaxed);
                 self.submit(
                     cmd.cid(),
                     Kind::Other,
@@ -366,6 +366,9 @@ impl IoWorker {
                 let segments = data_segments(mem.as_ref(), cmd, raw.len() as u64, true)?;
                 copy_from_guest(mem.as_ref(), &segments, &mut raw)?;
                 counters.other_commands.fetch_add(1, Ordering::Relaxed);
+                counters
+                    .deallocate_commands
+                    .fetch_add(u64::from(deallocate), Ordering::Relaxed);
                 if !deallocate {
                     // Only hints (IDR, IDW): nothing to do.
                     return Err(Status::SUCCESS);
@@ -489,7 +492,7 @@ impl IoWorker {
             };
         }
         if !status.is_success() {
-            self.ctrl.counters.errors.fetch_add(1, Ordering::Relaxed);
+            self.ctrl.counters.io_errors.fetch_add(1, Ordering::Relaxed);
         }
         self.finish(f.cid, status);
     }

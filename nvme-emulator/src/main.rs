@@ -94,13 +94,13 @@ fn main() -> ExitCode {
     let args = match Args::try_parse() {
         Ok(args) => args,
         Err(e) => {
-            // One line for usage errors: clap's first line names the problem.
+            // One line for usage errors: clap's first paragraph, its lines
+            // joined (without the usage text that follows).
             if e.use_stderr() {
                 let text = e.to_string();
-                eprintln!(
-                    "nvme-emulator: {}",
-                    text.lines().next().unwrap_or("bad arguments")
-                );
+                let first = text.split("\n\n").next().unwrap_or("bad arguments");
+                let line: Vec<&str> = first.split_whitespace().collect();
+                eprintln!("nvme-emulator: {}", line.join(" "));
                 return ExitCode::from(2);
             }
             let _ = e.print();
