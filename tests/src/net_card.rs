@@ -273,9 +273,13 @@ pub struct RemoteHost {
 impl RemoteHost {
     /// Makes the namespace. `overlay` is the vxlan device's address with its
     /// prefix (e.g. "10.0.2.5/24"); `routes` are the overlay CIDRs reached
-    /// through the card (the VPC's subnets); `slot` picks the underlay /30
-    /// (198.18.slot.0/30) so two fixtures can coexist.
-    pub fn create(overlay: &str, routes: &[&str], vni: u32, port: u16, slot: u8) -> Result<Self> {
+    /// through the card (the VPC's subnets). The underlay /30
+    /// (198.18.S.0/30) depends on the process id and a counter, so fixtures
+    /// of concurrent test processes don't collide.
+    pub fn create(overlay: &str, routes: &[&str], vni: u32, port: u16) -> Result<Self> {
+        static NEXT_SLOT: AtomicU32 = AtomicU32::new(0);
+        let n = std::process::id().wrapping_add(NEXT_SLOT.fetch_add(1, Ordering::Relaxed));
+        let slot = u8::try_from(n % 250).unwrap_or(0) + 1;
         let netns = unique_name("csnet");
         let host_veth = unique_name("csvh");
         let ns_veth = "csvn0";
@@ -326,6 +330,13 @@ impl RemoteHost {
             &format!("{remote_ip}/30"),
             "dev",
             ns_veth,
+        ])?;
+        // A veth hands GSO super-frames and partial checksums straight to the
+        // receiving socket; a wire would not. Without these offloads the
+        // namespace segments and checksums each encapsulated frame, as a host
+        // whose NIC lacks tunnel offloads does.
+        in_ns(&[
+            "ethtool", "-K", ns_veth, "tx", "off", "sg", "off", "tso", "off", "gso", "off",
         ])?;
         let (vni_s, port_s) = (vni.to_string(), port.to_string());
         in_ns(&[

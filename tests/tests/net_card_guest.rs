@@ -222,7 +222,6 @@ fn vxlan_to_linux_netns_guest() -> Result<()> {
         &["10.0.1.0/24"],
         VNI,
         VXLAN_PORT,
-        7,
     )?;
     remote.start_iperf3_server(5201)?;
     let tail = format!(
@@ -263,7 +262,7 @@ iperf_json vx-down -c {IP_REMOTE} -t 3 -R
     // the ENI over VXLAN and let the echo requests in (sg-web allows ICMP).
     let mut pinged = Err(anyhow::anyhow!("not tried"));
     for _ in 0..10 {
-        pinged = remote.exec(&["ping", "-c", "1", "-W", "2", IP_A]);
+        pinged = remote.exec(&["busybox", "ping", "-c", "1", "-W", "2", IP_A]);
         if pinged.is_ok() {
             break;
         }
@@ -280,7 +279,12 @@ iperf_json vx-down -c {IP_REMOTE} -t 3 -R
     for name in ["vx-up", "vx-down"] {
         let bps = iperf_received_bps(&out.console, name)?;
         eprintln!("iperf3 {name} across VXLAN: {:.0} Mbit/s", bps / 1e6);
-        ensure!(bps > 1e6, "iperf3 {name}: only {bps} bit/s");
+        ensure!(
+            bps > 1e6,
+            "iperf3 {name}: only {bps} bit/s\ncard metrics: {}\nnamespace: {}",
+            card.metrics()?,
+            remote.vxlan_stats()
+        );
     }
     card.check_alive()?;
     Ok(())

@@ -24,6 +24,8 @@ const PACKAGES: &[&str] = &[
     // dpdk): the load generator and peer of `cardbench compare-net`.
     "dpdk",
     "dpdk-dev",
+    // Turns off the veth offloads of the VXLAN test's namespace.
+    "ethtool",
 ];
 
 const MIRROR: &str = "http://deb.debian.org/debian";
