@@ -571,6 +571,7 @@ impl IoQueue {
 
     /// Fills in `cmd`'s data pointer for `len` bytes of `buf`. Returns the
     /// list pages, which must live until the command completes.
+    #[must_use = "the PRP or SGL list pages must live until the command completes"]
     pub fn set_data(
         &self,
         cmd: &mut Command,
@@ -745,6 +746,14 @@ impl Controller {
     /// Attaches to the card: vfio-user handshake, DMA map, MSI-X, enable,
     /// identify, number of queues and shadow doorbells.
     pub fn attach(config: DriverConfig) -> Result<Self> {
+        let mut ctrl = Self::connect(config)?;
+        ctrl.init()?;
+        Ok(ctrl)
+    }
+
+    /// The vfio-user half of attaching: the controller is left as the card
+    /// presents it (disabled), for tests that look at reset values.
+    pub fn connect(config: DriverConfig) -> Result<Self> {
         let path = config.socket.clone();
         let client = Client::new(&path).map_err(|source| DriverError::Connect {
             path: path.clone(),
@@ -855,14 +864,20 @@ impl Controller {
         });
         let admin_depth = config.admin_depth.clamp(2, cap.mqes().min(4096) as u16);
         let admin = QueuePair::new(&inner, 0, admin_depth, Some(0))?;
-        let mut ctrl = Self {
+        Ok(Self {
             inner,
             admin: Mutex::new(admin),
             config,
             cap,
             info: ControllerInfo::parse(&[]),
             granted: Mutex::new(0),
-        };
+        })
+    }
+
+    /// Enables the controller, identifies it, asks for the I/O queues and
+    /// sets up shadow doorbells: the rest of [`Controller::attach`].
+    pub fn init(&mut self) -> Result<()> {
+        let ctrl = self;
         ctrl.enable()?;
         let page = ctrl.identify(cns::CONTROLLER, 0)?;
         ctrl.info = ControllerInfo::parse(&page);
@@ -872,8 +887,7 @@ impl Controller {
                 ctrl.info.sqes, ctrl.info.cqes
             )));
         }
-        ctrl.setup_after_enable()?;
-        Ok(ctrl)
+        ctrl.setup_after_enable()
     }
 
     /// Number of Queues and shadow doorbells: what must be redone after a reset.

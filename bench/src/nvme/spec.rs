@@ -121,6 +121,10 @@ pub mod status {
     pub const DATA_TRANSFER_ERROR: u8 = 0x04;
     pub const ABORTED_SQ_DELETION: u8 = 0x08;
     pub const INVALID_NAMESPACE: u8 = 0x0b;
+    pub const INVALID_SGL_SEGMENT: u8 = 0x0d;
+    pub const DATA_SGL_LENGTH_INVALID: u8 = 0x0f;
+    pub const SGL_TYPE_INVALID: u8 = 0x11;
+    pub const INVALID_PRP_OFFSET: u8 = 0x13;
     pub const LBA_OUT_OF_RANGE: u8 = 0x80;
 
     // Command specific (SCT 1).
@@ -128,6 +132,7 @@ pub mod status {
     pub const INVALID_QUEUE_ID: u8 = 0x01;
     pub const INVALID_QUEUE_SIZE: u8 = 0x02;
     pub const INVALID_INTERRUPT_VECTOR: u8 = 0x08;
+    pub const INVALID_LOG_PAGE: u8 = 0x09;
     pub const INVALID_QUEUE_DELETION: u8 = 0x0c;
 
     // Media and data integrity (SCT 2).
@@ -221,11 +226,16 @@ impl std::fmt::Display for Status {
             (0, status::DATA_TRANSFER_ERROR) => "Data Transfer Error",
             (0, status::ABORTED_SQ_DELETION) => "Command Aborted due to SQ Deletion",
             (0, status::INVALID_NAMESPACE) => "Invalid Namespace or Format",
+            (0, status::INVALID_SGL_SEGMENT) => "Invalid SGL Segment Descriptor",
+            (0, status::DATA_SGL_LENGTH_INVALID) => "Data SGL Length Invalid",
+            (0, status::SGL_TYPE_INVALID) => "SGL Descriptor Type Invalid",
+            (0, status::INVALID_PRP_OFFSET) => "PRP Offset Invalid",
             (0, status::LBA_OUT_OF_RANGE) => "LBA Out of Range",
             (1, status::CQ_INVALID) => "Completion Queue Invalid",
             (1, status::INVALID_QUEUE_ID) => "Invalid Queue Identifier",
             (1, status::INVALID_QUEUE_SIZE) => "Invalid Queue Size",
             (1, status::INVALID_INTERRUPT_VECTOR) => "Invalid Interrupt Vector",
+            (1, status::INVALID_LOG_PAGE) => "Invalid Log Page",
             (1, status::INVALID_QUEUE_DELETION) => "Invalid Queue Deletion",
             (2, status::COMPARE_FAILURE) => "Compare Failure",
             _ => "",
