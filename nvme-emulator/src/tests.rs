@@ -34,6 +34,8 @@ fn cq_base(qid: u16) -> u64 {
 struct Queue {
     size: u32,
     tail: u32,
+    /// The tail last made visible to the controller.
+    rung: u32,
     head: u32,
     phase: bool,
 }
@@ -135,6 +137,7 @@ impl Host {
         self.queues[0] = Some(Queue {
             size: ADMIN_ENTRIES,
             tail: 0,
+            rung: 0,
             head: 0,
             phase: true,
         });
@@ -164,17 +167,25 @@ impl Host {
         cid
     }
 
-    fn ring(&self, qid: u16) {
-        let tail = self.queues[usize::from(qid)].as_ref().unwrap().tail;
-        if self.shadow && qid > 0 {
-            self.mem()
-                .write_u32(SHADOW + 8 * u64::from(qid), tail)
+    /// Makes the new tail visible: with shadow doorbells, in the shadow
+    /// buffer, and in the register only if the event index asks for it (as
+    /// Linux does); otherwise in the register.
+    fn ring(&mut self, qid: u16) {
+        let mem = self.mem();
+        let shadow = self.shadow && qid > 0;
+        let q = self.queues[usize::from(qid)].as_mut().unwrap();
+        let (old, new) = (q.rung as u16, q.tail as u16);
+        q.rung = q.tail;
+        if shadow {
+            mem.write_u32(SHADOW + 8 * u64::from(qid), u32::from(new))
                 .unwrap();
-            // Ring the register only if the event index asks for it, as Linux does.
-            let ei = self.mem().read_u32(EVENTS + 8 * u64::from(qid)).unwrap();
-            let _ = ei;
+            std::sync::atomic::fence(Ordering::SeqCst);
+            let ei = mem.read_u32(EVENTS + 8 * u64::from(qid)).unwrap() as u16;
+            if new.wrapping_sub(ei).wrapping_sub(1) >= new.wrapping_sub(old) {
+                return;
+            }
         }
-        self.write32(reg::DOORBELLS + 8 * u64::from(qid), tail);
+        self.write32(reg::DOORBELLS + 8 * u64::from(qid), u32::from(new));
     }
 
     /// Waits for the next completion on `qid`'s completion queue.
@@ -232,6 +243,7 @@ impl Host {
         self.queues[usize::from(qid)] = Some(Queue {
             size: entries,
             tail: 0,
+            rung: 0,
             head: 0,
             phase: true,
         });
