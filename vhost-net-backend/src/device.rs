@@ -319,3 +319,525 @@ impl CardBackend for PortDevice {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! Two ports of one card, each with a guest simulated on its own memory:
+    //! rings laid out by virtio-queue's mock, chains written as a driver would,
+    //! the port threads' events called directly.
+
+    use super::*;
+    use std::sync::atomic::Ordering;
+    use std::time::{Duration, Instant};
+
+    use virtio_bindings::virtio_net::{
+        VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_GUEST_TSO4, VIRTIO_NET_F_MRG_RXBUF,
+    };
+    use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
+    use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
+    use virtio_queue::mock::MockSplitQueue;
+    use vm_memory::{Bytes, GuestAddress, GuestMemoryAtomic, GuestMemoryMmap};
+    use vpc::addr::MacAddr;
+    use vpc::config::VpcConfig;
+    use vpc::vnet::{F_NEEDS_CSUM, GSO_TCPV4};
+
+    const QSIZE: u16 = 64;
+    const W: u16 = VRING_DESC_F_WRITE as u16;
+    const RX_RING: u64 = 0x0;
+    const TX_RING: u64 = 0x4000;
+    const BUFFERS: u64 = 0x10_0000;
+    const MAC_A: MacAddr = MacAddr([2, 0, 10, 0, 1, 10]);
+    const MAC_B: MacAddr = MacAddr([2, 0, 10, 0, 1, 11]);
+
+    fn config(a_extra: &str) -> VpcConfig {
+        VpcConfig::parse(&format!(
+            r#"
+[vpc]
+cidr = "10.0.0.0/16"
+vni = 100
+[[subnet]]
+id = "subnet-a"
+cidr = "10.0.1.0/24"
+gateway = "10.0.1.1"
+[[security_group]]
+id = "sg-web"
+ingress = [ {{ proto = "tcp", ports = "5201", cidr = "10.0.0.0/16" }}, {{ proto = "icmp", cidr = "0.0.0.0/0" }} ]
+egress  = [ {{ proto = "all", cidr = "0.0.0.0/0" }} ]
+[[eni]]
+id = "eni-a"
+socket = "/nonexistent/a.sock"
+mac = "02:00:0a:00:01:0a"
+ip = "10.0.1.10"
+subnet = "subnet-a"
+security_groups = ["sg-web"]
+{a_extra}
+[[eni]]
+id = "eni-b"
+socket = "/nonexistent/b.sock"
+mac = "02:00:0a:00:01:0b"
+ip = "10.0.1.11"
+subnet = "subnet-a"
+security_groups = ["sg-web"]
+"#
+        ))
+        .unwrap()
+    }
+
+    /// One simulated guest on a port: its memory, rings and the device.
+    struct Guest {
+        memory: GuestMemory,
+        device: PortDevice,
+        rx: Vring,
+        tx: Vring,
+        next_desc: [u16; 2],
+        next_buf: u64,
+        /// (descriptor table, avail, used) of RX and TX, as the mock laid them out.
+        layout: [(u64, u64, u64); 2],
+    }
+
+    impl Guest {
+        fn connect(card: &Arc<Card>, port: usize, features: u64) -> Guest {
+            let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x100_0000)]).unwrap();
+            let memory = GuestMemoryAtomic::new(mem);
+            let device =
+                PortDevice::new(card.clone(), card.ports[port].clone(), memory.clone(), None)
+                    .unwrap();
+            device.acked_features(features);
+            let ring = |base: u64| -> (Vring, (u64, u64, u64)) {
+                let vring = Vring::new(memory.clone(), QSIZE).unwrap();
+                let (d, a, u) = {
+                    let guard = memory.memory();
+                    let mock = MockSplitQueue::create(&*guard, GuestAddress(base), QSIZE);
+                    (
+                        mock.desc_table_addr().0,
+                        mock.avail_addr().0,
+                        mock.used_addr().0,
+                    )
+                };
+                vring.set_queue_size(QSIZE);
+                vring.set_queue_info(d, a, u).unwrap();
+                vring.set_queue_ready(true);
+                vring.set_enabled(true);
+                (vring, (d, a, u))
+            };
+            let (rx, rx_layout) = ring(RX_RING);
+            let (tx, tx_layout) = ring(TX_RING);
+            Guest {
+                memory,
+                device,
+                rx,
+                tx,
+                next_desc: [0, 0],
+                next_buf: BUFFERS,
+                layout: [rx_layout, tx_layout],
+            }
+        }
+
+        fn mem(&self) -> Arc<GuestMemoryMmap> {
+            self.memory.memory().into_inner()
+        }
+
+        fn rings(&self, q: usize) -> (u64, u64, u64) {
+            self.layout[q]
+        }
+
+        /// Makes a chain of `(addr, len, flags)` available on queue `q`
+        /// (0 RX, 1 TX).
+        fn offer(&mut self, q: usize, chain: &[(u64, u32, u16)]) {
+            let mem = self.mem();
+            let (table, avail, _) = self.rings(q);
+            let first = self.next_desc[q];
+            for (i, &(addr, len, flags)) in chain.iter().enumerate() {
+                let last = i + 1 == chain.len();
+                let flags = if last {
+                    flags
+                } else {
+                    flags | VRING_DESC_F_NEXT as u16
+                };
+                let d = RawDescriptor::from(SplitDescriptor::new(
+                    addr,
+                    len,
+                    flags,
+                    (first + i as u16 + 1) % QSIZE,
+                ));
+                let at = table + 16 * u64::from((first + i as u16) % QSIZE);
+                mem.write_obj(d, GuestAddress(at)).unwrap();
+            }
+            let idx: u16 = mem.read_obj(GuestAddress(avail + 2)).unwrap();
+            mem.write_obj(first, GuestAddress(avail + 4 + 2 * u64::from(idx % QSIZE)))
+                .unwrap();
+            mem.write_obj(idx.wrapping_add(1), GuestAddress(avail + 2))
+                .unwrap();
+            self.next_desc[q] = (first + chain.len() as u16) % QSIZE;
+        }
+
+        fn buffer(&mut self, bytes: &[u8], room: u32) -> u64 {
+            let at = self.next_buf;
+            self.mem().write_slice(bytes, GuestAddress(at)).unwrap();
+            self.next_buf += u64::from(room.max(bytes.len() as u32)).next_multiple_of(0x1000);
+            at
+        }
+
+        /// Posts `n` receive buffers of `len` bytes.
+        fn post_rx(&mut self, n: usize, len: u32) {
+            for _ in 0..n {
+                let at = self.buffer(&[], len);
+                self.offer(0, &[(at, len, W)]);
+            }
+        }
+
+        /// Sends a frame behind `header` in one descriptor.
+        fn send(&mut self, header: &VnetHeader, frame: &[u8]) {
+            let bytes = [&header.to_bytes()[..], frame].concat();
+            let at = self.buffer(&bytes, 0);
+            self.offer(1, &[(at, bytes.len() as u32, 0)]);
+        }
+
+        fn kick(&self, q: u16) {
+            self.device
+                .handle_event(q, EventSet::IN, &[self.rx.clone(), self.tx.clone()], 0)
+                .unwrap();
+        }
+
+        /// The used entries of queue `q`: (head, len).
+        fn used(&self, q: usize) -> Vec<(u32, u32)> {
+            let mem = self.mem();
+            let (_, _, used) = self.rings(q);
+            let idx: u16 = mem.read_obj(GuestAddress(used + 2)).unwrap();
+            (0..idx)
+                .map(|i| {
+                    let at = used + 4 + 8 * u64::from(i);
+                    (
+                        mem.read_obj(GuestAddress(at)).unwrap(),
+                        mem.read_obj(GuestAddress(at + 4)).unwrap(),
+                    )
+                })
+                .collect()
+        }
+
+        /// The bytes the device wrote into RX buffer number `n` (posted in order).
+        fn received(&self, n: usize) -> Vec<u8> {
+            let (head, len) = self.used(0)[n];
+            let mem = self.mem();
+            let (table, _, _) = self.rings(0);
+            let d: RawDescriptor = mem
+                .read_obj(GuestAddress(table + 16 * u64::from(head)))
+                .unwrap();
+            let d = SplitDescriptor::from(d);
+            let mut out = vec![0u8; len as usize];
+            mem.read_slice(&mut out, d.addr()).unwrap();
+            out
+        }
+    }
+
+    fn features() -> u64 {
+        features::offered()
+    }
+
+    fn without(bits: &[u32]) -> u64 {
+        bits.iter().fold(features(), |f, b| f & !(1u64 << b))
+    }
+
+    fn ping(src_mac: MacAddr, src: [u8; 4], dst: [u8; 4], payload: usize) -> Vec<u8> {
+        let mut icmp = vec![8, 0, 0, 0, 0, 1, 0, 1];
+        icmp.resize(8 + payload, 0x5a);
+        vpc::frames::ipv4(MAC_B, src_mac, src.into(), dst.into(), 1, &icmp)
+    }
+
+    fn card(a_extra: &str) -> Arc<Card> {
+        Arc::new(Card::new(config(a_extra), None).unwrap())
+    }
+
+    fn counter(c: &std::sync::atomic::AtomicU64) -> u64 {
+        c.load(Ordering::Relaxed)
+    }
+
+    #[test]
+    fn a_frame_goes_from_one_guests_tx_chain_into_the_others_rx_buffers() {
+        let card = card("");
+        let mut a = Guest::connect(&card, 0, features());
+        let mut b = Guest::connect(&card, 1, features());
+        b.post_rx(4, 2048);
+        b.kick(0); // the RX kick publishes B's receive queue
+        let frame = ping(MAC_A, [10, 0, 1, 10], [10, 0, 1, 11], 100);
+        a.send(&VnetHeader::plain(), &frame);
+        a.kick(1);
+        assert_eq!(a.used(1).len(), 1, "A's TX chain returned");
+        assert_eq!(b.used(0).len(), 1, "one RX buffer used");
+        let got = b.received(0);
+        assert_eq!(got.len(), 12 + frame.len());
+        assert_eq!(u16::from_le_bytes([got[10], got[11]]), 1, "num_buffers");
+        assert_eq!(&got[12..], &frame[..]);
+        assert_eq!(counter(&card.ports[0].counters.tx_packets), 1);
+        assert_eq!(counter(&card.ports[1].counters.rx_packets), 1);
+    }
+
+    #[test]
+    fn a_port_without_a_guest_drops_and_counts() {
+        let card = card("");
+        let mut a = Guest::connect(&card, 0, features());
+        a.send(
+            &VnetHeader::plain(),
+            &ping(MAC_A, [10, 0, 1, 10], [10, 0, 1, 11], 10),
+        );
+        a.kick(1);
+        assert_eq!(a.used(1).len(), 1);
+        assert_eq!(counter(&card.ports[1].counters.rx_dropped_port_down), 1);
+        // B connects, then goes away again: frames are dropped, never written.
+        let mut b = Guest::connect(&card, 1, features());
+        b.post_rx(2, 2048);
+        b.kick(0);
+        b.device.quiesce();
+        a.send(
+            &VnetHeader::plain(),
+            &ping(MAC_A, [10, 0, 1, 10], [10, 0, 1, 11], 10),
+        );
+        a.kick(1);
+        assert!(b.used(0).is_empty());
+        assert_eq!(counter(&card.ports[1].counters.rx_dropped_port_down), 2);
+    }
+
+    #[test]
+    fn bad_tx_chains_are_counted_and_the_queue_goes_on() {
+        let card = card("");
+        let mut a = Guest::connect(&card, 0, features());
+        let mut b = Guest::connect(&card, 1, features());
+        b.post_rx(4, 2048);
+        b.kick(0);
+        let frame = ping(MAC_A, [10, 0, 1, 10], [10, 0, 1, 11], 64);
+        // A header split across three descriptors, the frame in a fourth: fine.
+        let hdr = VnetHeader::plain().to_bytes();
+        let p0 = a.buffer(&hdr[..3], 0);
+        let p1 = a.buffer(&hdr[3..11], 0);
+        let p2 = a.buffer(&hdr[11..], 0);
+        let p3 = a.buffer(&frame, 0);
+        a.offer(
+            1,
+            &[
+                (p0, 3, 0),
+                (p1, 8, 0),
+                (p2, 1, 0),
+                (p3, frame.len() as u32, 0),
+            ],
+        );
+        // A device-writable descriptor in a TX chain.
+        let w = a.buffer(&frame, 0);
+        a.offer(1, &[(w, frame.len() as u32, W)]);
+        // Shorter than the vnet header.
+        let t = a.buffer(&hdr[..7], 0);
+        a.offer(1, &[(t, 7, 0)]);
+        // Outside guest memory.
+        a.offer(1, &[(0xfff_0000_0000, 100, 0)]);
+        // A frame above the MTU without GSO (the switch refuses it).
+        let big = ping(MAC_A, [10, 0, 1, 10], [10, 0, 1, 11], 3000);
+        a.send(&VnetHeader::plain(), &big);
+        // And a good one after all that.
+        a.send(&VnetHeader::plain(), &frame);
+        a.kick(1);
+        assert_eq!(a.used(1).len(), 6, "every chain returned to the guest");
+        assert_eq!(b.used(0).len(), 2, "the two good frames delivered");
+        assert_eq!(&b.received(0)[12..], &frame[..]);
+        assert_eq!(&b.received(1)[12..], &frame[..]);
+        let c = &card.ports[0].counters;
+        use crate::chain::ChainError::*;
+        for e in [WriteOnlyInTx, Truncated, BadAddress] {
+            assert_eq!(counter(&c.chain_errors[e.index()]), 1, "{e:?}");
+        }
+        let sw = card.switch();
+        let drops = sw.port_counters(0).unwrap();
+        assert_eq!(drops.drops(vpc::switch::DropReason::Oversized), 1);
+    }
+
+    #[test]
+    fn spoofed_sources_are_dropped_and_never_delivered() {
+        let card = card("");
+        let mut a = Guest::connect(&card, 0, features());
+        let mut b = Guest::connect(&card, 1, features());
+        b.post_rx(4, 2048);
+        b.kick(0);
+        a.send(
+            &VnetHeader::plain(),
+            &ping(
+                MacAddr([2, 0, 0, 0, 0, 99]),
+                [10, 0, 1, 10],
+                [10, 0, 1, 11],
+                10,
+            ),
+        );
+        a.send(
+            &VnetHeader::plain(),
+            &ping(MAC_A, [10, 0, 1, 99], [10, 0, 1, 11], 10),
+        );
+        a.kick(1);
+        assert_eq!(a.used(1).len(), 2);
+        assert!(b.used(0).is_empty());
+        let sw = card.switch();
+        let c = sw.port_counters(0).unwrap();
+        assert_eq!(c.drops(vpc::switch::DropReason::SpoofedMac), 1);
+        assert_eq!(c.drops(vpc::switch::DropReason::SpoofedIp), 1);
+    }
+
+    #[test]
+    fn an_rx_queue_without_buffers_drops_and_counts() {
+        let card = card("");
+        let mut a = Guest::connect(&card, 0, features());
+        let mut b = Guest::connect(&card, 1, features());
+        b.post_rx(1, 2048);
+        b.kick(0);
+        for _ in 0..3 {
+            a.send(
+                &VnetHeader::plain(),
+                &ping(MAC_A, [10, 0, 1, 10], [10, 0, 1, 11], 10),
+            );
+        }
+        a.kick(1);
+        assert_eq!(b.used(0).len(), 1);
+        let c = &card.ports[1].counters;
+        assert_eq!(
+            counter(&c.chain_errors[crate::chain::ChainError::NoRxBuffers.index()]),
+            2
+        );
+    }
+
+    /// A TSO frame for a guest that did not negotiate GUEST_TSO4 is segmented
+    /// (each segment a whole frame with a plain header); one that did gets it
+    /// whole, merged across buffers, header passed through.
+    #[test]
+    fn gso_passes_through_or_is_segmented_by_what_the_destination_took() {
+        for (b_features, segmented) in [
+            (
+                without(&[VIRTIO_NET_F_GUEST_TSO4, VIRTIO_NET_F_GUEST_CSUM]),
+                true,
+            ),
+            (features(), false),
+        ] {
+            let card = card("");
+            let mut a = Guest::connect(&card, 0, features());
+            let mut b = Guest::connect(&card, 1, b_features);
+            b.post_rx(16, 2048);
+            b.kick(0);
+            let payload: Vec<u8> = (0..4000u32).map(|i| i as u8).collect();
+            let mut frame = vpc::frames::tcp_v4(
+                MAC_B,
+                MAC_A,
+                [10, 0, 1, 10].into(),
+                [10, 0, 1, 11].into(),
+                40000,
+                5201,
+                0x02, // SYN: a new flow the security group allows
+                &payload,
+            );
+            // As a driver leaves it: the pseudo-header sum in the checksum.
+            let pseudo = vpc::packet::pseudo_v4(
+                [10, 0, 1, 10].into(),
+                [10, 0, 1, 11].into(),
+                6,
+                frame.len() - 34,
+            );
+            let folded = !vpc::packet::fold(pseudo);
+            frame[50..52].copy_from_slice(&folded.to_be_bytes());
+            let header = VnetHeader {
+                flags: F_NEEDS_CSUM,
+                gso_type: GSO_TCPV4,
+                hdr_len: 54,
+                gso_size: 1448,
+                csum_start: 34,
+                csum_offset: 16,
+                num_buffers: 0,
+            };
+            a.send(&header, &frame);
+            a.kick(1);
+            let c = &card.ports[1].counters;
+            if segmented {
+                assert_eq!(counter(&c.rx_segmented), 1);
+                assert_eq!(
+                    counter(&c.rx_packets),
+                    3,
+                    "4000 bytes in 1448-byte segments"
+                );
+                let mut joined = Vec::new();
+                for n in 0..3 {
+                    let got = b.received(n);
+                    let h = VnetHeader::parse(&got).unwrap();
+                    assert!(!h.is_gso() && !h.needs_csum(), "{h:?}");
+                    assert!(got.len() - 12 <= 1514);
+                    joined.extend_from_slice(&got[12 + 54..]);
+                }
+                assert_eq!(joined, payload);
+            } else {
+                assert_eq!(counter(&c.rx_packets), 1);
+                let used = b.used(0);
+                assert_eq!(used.len(), 2, "merged over two 2 KiB buffers");
+                let first = b.received(0);
+                let h = VnetHeader::parse(&first).unwrap();
+                assert_eq!(
+                    (h.gso_type, h.gso_size, h.num_buffers),
+                    (GSO_TCPV4, 1448, 2)
+                );
+                let total: u32 = used.iter().map(|u| u.1).sum();
+                assert_eq!(total as usize, 12 + frame.len());
+            }
+        }
+    }
+
+    #[test]
+    fn the_outbound_allowance_holds_the_tx_queue_until_its_timer() {
+        // Two packets per 200 ms.
+        let card = card("allowance = { ops = { size = 2, refill_time = 200 } }");
+        let mut a = Guest::connect(&card, 0, features());
+        let mut b = Guest::connect(&card, 1, features());
+        b.post_rx(8, 2048);
+        b.kick(0);
+        for _ in 0..3 {
+            a.send(
+                &VnetHeader::plain(),
+                &ping(MAC_A, [10, 0, 1, 10], [10, 0, 1, 11], 10),
+            );
+        }
+        a.kick(1);
+        assert_eq!(b.used(0).len(), 2);
+        assert_eq!(a.used(1).len(), 2, "the third chain stays with the device");
+        assert_eq!(counter(&card.ports[0].counters.pps_allowance_exceeded), 1);
+        // A kick while throttled changes nothing.
+        a.kick(1);
+        assert_eq!(a.used(1).len(), 2);
+        // The timer fires once the bucket has a token again.
+        let fd = a.device.listeners()[0].1;
+        let mut pfd = libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        let start = Instant::now();
+        // SAFETY: one valid pollfd.
+        let n = unsafe { libc::poll(&mut pfd, 1, 10_000) };
+        assert_eq!(n, 1, "allowance timer never fired");
+        assert!(start.elapsed() < Duration::from_secs(10));
+        a.kick(timer_event(2));
+        assert_eq!(b.used(0).len(), 3);
+        assert_eq!(a.used(1).len(), 3);
+    }
+
+    #[test]
+    fn mrg_rxbuf_off_needs_one_buffer_per_frame() {
+        let card = card("");
+        let mut a = Guest::connect(&card, 0, features());
+        let mut b = Guest::connect(&card, 1, without(&[VIRTIO_NET_F_MRG_RXBUF]));
+        // Too small for the frame: returned empty and counted.
+        b.post_rx(1, 64);
+        b.post_rx(1, 2048);
+        b.kick(0);
+        let frame = ping(MAC_A, [10, 0, 1, 10], [10, 0, 1, 11], 200);
+        a.send(&VnetHeader::plain(), &frame);
+        a.send(&VnetHeader::plain(), &frame);
+        a.kick(1);
+        let used = b.used(0);
+        assert_eq!(used[0].1, 0);
+        assert_eq!(used[1].1 as usize, 12 + frame.len());
+        let c = &card.ports[1].counters;
+        assert_eq!(
+            counter(&c.chain_errors[crate::chain::ChainError::RxBufferTooSmall.index()]),
+            1
+        );
+    }
+}
