@@ -48,21 +48,42 @@ impl Allowance {
         Allowance { limiter: None }
     }
 
-    /// Takes one frame of `bytes` from both buckets, or nothing.
-    pub fn take(&self, bytes: u64, now: Duration) -> Result<(), Exceeded> {
+    /// Takes `bytes` from the bandwidth bucket and `packets` (a TSO frame
+    /// is as many packets as it has segments on the wire) from the packet
+    /// bucket, or nothing.
+    pub fn take(&self, bytes: u64, packets: u64, now: Duration) -> Result<(), Exceeded> {
         let Some(limiter) = &self.limiter else {
             return Ok(());
         };
         let mut l = limiter.lock().unwrap_or_else(|p| p.into_inner());
         let bw = l.bandwidth.as_mut().and_then(|b| b.ready_at(bytes, now));
-        let ops = l.ops.as_mut().and_then(|o| o.ready_at(1, now));
+        let ops = l.ops.as_mut().and_then(|o| o.ready_at(packets, now));
         match (bw, ops) {
             (Some(b), Some(o)) => Err(Exceeded::Bandwidth(b.max(o))),
             (Some(b), None) => Err(Exceeded::Bandwidth(b)),
             (None, Some(o)) => Err(Exceeded::Packets(o)),
-            (None, None) => l.try_take(bytes, now).map_err(Exceeded::Bandwidth),
+            (None, None) => {
+                // Both said yes at `now`: these cannot fail.
+                if let Some(b) = l.bandwidth.as_mut() {
+                    b.try_take(bytes, now).map_err(Exceeded::Bandwidth)?;
+                }
+                if let Some(o) = l.ops.as_mut() {
+                    o.try_take(packets, now).map_err(Exceeded::Packets)?;
+                }
+                Ok(())
+            }
         }
     }
+}
+
+/// How many packets a frame is on the wire: a TSO frame's payload in
+/// `gso_size` pieces, else one.
+pub fn wire_packets(header: &vpc::vnet::VnetHeader, frame_len: usize) -> u64 {
+    if !header.is_gso() || header.gso_size == 0 {
+        return 1;
+    }
+    let payload = frame_len.saturating_sub(usize::from(header.hdr_len));
+    payload.div_ceil(usize::from(header.gso_size)).max(1) as u64
 }
 
 #[cfg(test)]
@@ -88,19 +109,41 @@ mod tests {
     #[test]
     fn names_the_bucket_that_refused() {
         let a = Allowance::new(Some(config(3000, 100)), Duration::ZERO).unwrap();
-        a.take(1500, Duration::ZERO).unwrap();
-        a.take(1500, Duration::ZERO).unwrap();
-        let e = a.take(1500, Duration::ZERO).unwrap_err();
+        a.take(1500, 1, Duration::ZERO).unwrap();
+        a.take(1500, 1, Duration::ZERO).unwrap();
+        let e = a.take(1500, 1, Duration::ZERO).unwrap_err();
         assert!(matches!(e, Exceeded::Bandwidth(_)));
         // 1500 bytes refill in 50 ms of the 100 ms period.
         assert_eq!(e.ready_at(), Duration::from_millis(50));
-        a.take(1500, Duration::from_millis(50)).unwrap();
+        a.take(1500, 1, Duration::from_millis(50)).unwrap();
 
         let p = Allowance::new(Some(config(1 << 30, 2)), Duration::ZERO).unwrap();
-        p.take(60, Duration::ZERO).unwrap();
-        p.take(60, Duration::ZERO).unwrap();
+        p.take(60, 1, Duration::ZERO).unwrap();
+        p.take(60, 1, Duration::ZERO).unwrap();
         assert!(matches!(
-            p.take(60, Duration::ZERO),
+            p.take(60, 1, Duration::ZERO),
+            Err(Exceeded::Packets(_))
+        ));
+    }
+
+    #[test]
+    fn a_tso_frame_counts_its_segments() {
+        let p = Allowance::new(Some(config(1 << 30, 10)), Duration::ZERO).unwrap();
+        let h = vpc::vnet::VnetHeader {
+            gso_type: vpc::vnet::GSO_TCPV4,
+            gso_size: 1448,
+            hdr_len: 54,
+            ..Default::default()
+        };
+        let n = wire_packets(&h, 54 + 4000);
+        assert_eq!(n, 3);
+        assert_eq!(wire_packets(&vpc::vnet::VnetHeader::plain(), 9000), 1);
+        for _ in 0..3 {
+            p.take(4054, n, Duration::ZERO).unwrap();
+        }
+        // 9 of 10 packets used: a fourth TSO frame must wait.
+        assert!(matches!(
+            p.take(4054, n, Duration::ZERO),
             Err(Exceeded::Packets(_))
         ));
     }
@@ -109,7 +152,7 @@ mod tests {
     fn no_config_is_unlimited() {
         let a = Allowance::new(None, Duration::ZERO).unwrap();
         for _ in 0..10_000 {
-            a.take(65_000, Duration::ZERO).unwrap();
+            a.take(65_000, 40, Duration::ZERO).unwrap();
         }
     }
 }

@@ -290,7 +290,8 @@ impl Card {
             return;
         };
         let negotiated = rx.negotiated();
-        if let Err(e) = dst.inbound.take(frame.len() as u64, self.now()) {
+        let packets = crate::allowance::wire_packets(header, frame.len());
+        if let Err(e) = dst.inbound.take(frame.len() as u64, packets, self.now()) {
             add(
                 match e {
                     Exceeded::Bandwidth(_) => &dst.counters.bw_in_allowance_exceeded,

@@ -142,7 +142,11 @@ impl PairWorker {
                     continue;
                 }
                 let frame_len = self.buf.len() - header_len;
-                if let Err(e) = port.outbound.take(frame_len as u64, card.now()) {
+                let packets = match parse_header(&self.buf, header_len) {
+                    Some(h) => crate::allowance::wire_packets(&h, frame_len),
+                    None => 1,
+                };
+                if let Err(e) = port.outbound.take(frame_len as u64, packets, card.now()) {
                     // Leave the chain in the ring; come back when the
                     // buckets hold enough.
                     let q = state.get_queue_mut();
@@ -186,13 +190,10 @@ impl PairWorker {
     }
 
     fn switch_frame(&mut self, card: &Card, port: &Port, header_len: usize) {
-        let (head_bytes, frame) = self.buf.split_at_mut(header_len);
-        let mut raw = [0u8; 12];
-        raw[..header_len.min(12)].copy_from_slice(&head_bytes[..header_len.min(12)]);
-        let header = match VnetHeader::parse(&raw) {
-            Ok(h) => h,
-            Err(_) => return,
+        let Some(header) = parse_header(&self.buf, header_len) else {
+            return;
         };
+        let frame = &mut self.buf[header_len..];
         let verdict = card
             .switch()
             .from_port(port.id, &header, frame, std::time::Instant::now());
@@ -202,6 +203,15 @@ impl PairWorker {
         }
         card.forward(verdict, frame, &mut self.out);
     }
+}
+
+/// The vnet header at the start of `buf` (10 bytes for a legacy driver:
+/// num_buffers is then absent and read as 0).
+fn parse_header(buf: &[u8], header_len: usize) -> Option<VnetHeader> {
+    let n = header_len.min(VnetHeader::LEN);
+    let mut raw = [0u8; VnetHeader::LEN];
+    raw[..n].copy_from_slice(buf.get(..n)?);
+    VnetHeader::parse(&raw).ok()
 }
 
 impl VhostUserBackend for PortDevice {
