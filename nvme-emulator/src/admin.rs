@@ -1,7 +1,7 @@
 //! Admin commands. Each is checked field by field and answered with the
 //! spec's status; none of them can harm the queues or the data of another.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
 
 use crate::controller::{AdminState, CompletionQueue, Controller, WorkerHandle, TEMPERATURE_K};
@@ -248,7 +248,7 @@ impl Controller {
         }
         mem.host_range(base, u64::from(size) * SQE_SIZE, false)
             .map_err(|_| Status::INVALID_FIELD)?;
-        let stop = Arc::new(AtomicBool::new(false));
+        let stop = Arc::new(AtomicU8::new(crate::io::RUN));
         let worker = IoWorker::new(
             self.clone(),
             IoQueue {
@@ -285,7 +285,8 @@ impl Controller {
             .get_mut(usize::from(qid))
             .and_then(Option::take)
             .ok_or(Status::INVALID_QUEUE_ID)?;
-        worker.stop.store(true, Ordering::Release);
+        // Commands in flight complete (their completion queue still exists).
+        worker.stop.store(crate::io::STOP_POST, Ordering::Release);
         let _ = self.wake_fd(qid).write(1);
         if let Some(t) = worker.thread.take() {
             let _ = t.join();

@@ -13,7 +13,7 @@ use std::collections::VecDeque;
 use std::fs::File;
 use std::io::Write;
 use std::os::unix::io::AsRawFd;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -203,7 +203,8 @@ impl CompletionQueue {
 #[derive(Debug)]
 pub(crate) struct WorkerHandle {
     pub cqid: u16,
-    pub stop: Arc<AtomicBool>,
+    /// [`crate::io::RUN`], [`crate::io::STOP_POST`] or [`crate::io::STOP_DISCARD`].
+    pub stop: Arc<AtomicU8>,
     pub thread: Option<JoinHandle<()>>,
 }
 
@@ -634,12 +635,13 @@ impl Controller {
         tracing::info!(asqs, acqs, "controller enabled");
     }
 
-    /// Stops every I/O queue (each drains its commands in flight) and drops
-    /// all queues.
+    /// Stops every I/O queue (each waits for its commands in flight at the
+    /// media, and posts nothing: after a reset the host owns the queue
+    /// memory again) and drops all queues.
     fn stop_queues(&self, st: &mut AdminState) {
         for (qid, w) in st.workers.iter_mut().enumerate() {
             if let Some(mut w) = w.take() {
-                w.stop.store(true, Ordering::Release);
+                w.stop.store(crate::io::STOP_DISCARD, Ordering::Release);
                 self.wake(qid);
                 if let Some(t) = w.thread.take() {
                     let _ = t.join();

@@ -10,13 +10,15 @@
 //! sleeping, so the host rings the (slow, trapped) doorbell register only
 //! when the worker is idle.
 
-use std::sync::atomic::{fence, AtomicBool, Ordering};
+use std::sync::atomic::{fence, AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use card_firmware::middle::Admission;
 use card_firmware::ring::{Completion as RingCompletion, QueueRing};
 use card_firmware::warn::WarnLimiter;
 use card_firmware::warn_limited;
+use hw_model::ebs::IoDirection;
 use io_uring::squeue;
 
 use crate::controller::{CompletionQueue, Controller, PostError, IDLE_RECHECK};
@@ -26,6 +28,12 @@ use crate::spec::{io, Command, Completion, Status, MAX_TRANSFER, SQE_SIZE};
 
 static BAD_TAIL: WarnLimiter = WarnLimiter::new(5_000);
 static MEDIA_ERROR: WarnLimiter = WarnLimiter::new(5_000);
+
+/// Worker states: running; stopping after posting what is in flight (queue
+/// deleted); stopping without posting (controller reset).
+pub const RUN: u8 = 0;
+pub const STOP_POST: u8 = 1;
+pub const STOP_DISCARD: u8 = 2;
 
 /// The most Dataset Management ranges one command may carry (NR is 8 bits).
 const DSM_MAX_RANGES: usize = 256;
@@ -52,10 +60,33 @@ enum Kind {
     Other,
 }
 
+/// What the middle asked of a read or write: complete no earlier than
+/// `not_before` (modelled latency, a latency fault), and while `stalled`
+/// not before the stall is cleared.
+#[derive(Debug, Clone, Copy)]
+struct Hold {
+    nsid: u32,
+    dir: IoDirection,
+    offset: u64,
+    len: u64,
+    not_before: Option<Instant>,
+    stalled: bool,
+}
+
+/// A finished command waiting for its hold to pass.
+#[derive(Debug)]
+struct Held {
+    at: Instant,
+    cid: u16,
+    status: Status,
+    hold: Hold,
+}
+
 /// A command with media operations in flight.
 #[derive(Debug)]
 struct InFlight {
     cid: u16,
+    hold: Option<Hold>,
     kind: Kind,
     status: Status,
     /// Operations not yet completed.
@@ -79,7 +110,7 @@ const DATA_OP: u64 = 1 << 32;
 pub struct IoWorker {
     ctrl: Arc<Controller>,
     q: IoQueue,
-    stop: Arc<AtomicBool>,
+    stop: Arc<AtomicU8>,
     ring: QueueRing,
     head: u32,
     slots: Vec<Option<InFlight>>,
@@ -89,10 +120,14 @@ pub struct IoWorker {
     /// Completions posted but not yet signalled (interrupt coalescing).
     unsignalled: u32,
     unsignalled_since: Option<Instant>,
+    /// Finished commands the middle holds back.
+    held: Vec<Held>,
+    /// The hold of the command `submit` is about to put in flight.
+    next_hold: Option<Hold>,
 }
 
 impl IoWorker {
-    pub fn new(ctrl: Arc<Controller>, q: IoQueue, stop: Arc<AtomicBool>) -> std::io::Result<Self> {
+    pub fn new(ctrl: Arc<Controller>, q: IoQueue, stop: Arc<AtomicU8>) -> std::io::Result<Self> {
         let depth = q.size.min(1024);
         let ring = QueueRing::new(depth)?;
         Ok(Self {
@@ -106,6 +141,8 @@ impl IoWorker {
             pending: Vec::new(),
             unsignalled: 0,
             unsignalled_since: None,
+            held: Vec::new(),
+            next_hold: None,
         })
     }
 
@@ -117,9 +154,10 @@ impl IoWorker {
         };
         use std::os::unix::io::AsRawFd;
         loop {
-            if self.stop.load(Ordering::Acquire) {
+            if self.stop.load(Ordering::Acquire) != RUN {
                 break;
             }
+            self.release_held();
             let mem = self.ctrl.dma();
             let fetched = self.fetch(&mem);
             if let Err(e) = self.ring.submit() {
@@ -167,6 +205,13 @@ impl IoWorker {
         for c in done {
             self.complete_op(c);
         }
+        if self.stop.load(Ordering::Acquire) == STOP_DISCARD {
+            return;
+        }
+        // Held completions (modelled latency, stalls) go out now.
+        for h in std::mem::take(&mut self.held) {
+            self.release(h);
+        }
         let mem = self.ctrl.dma();
         self.post(&mem);
     }
@@ -177,11 +222,15 @@ impl IoWorker {
         if !self.pending.is_empty() {
             return Duration::from_millis(1);
         }
+        let mut limit = IDLE_RECHECK;
         if let Some(since) = self.unsignalled_since {
             let (_, time) = self.coalescing();
-            return (since + time).saturating_duration_since(Instant::now());
+            limit = limit.min((since + time).saturating_duration_since(Instant::now()));
         }
-        IDLE_RECHECK
+        if let Some(at) = self.held.iter().map(|h| h.at).min() {
+            limit = limit.min(at.saturating_duration_since(Instant::now()));
+        }
+        limit
     }
 
     /// Aggregation threshold (entries) and time of this queue's vector.
@@ -255,6 +304,7 @@ impl IoWorker {
 
     /// Checks a command and submits its media operations.
     fn start(&mut self, mem: &Arc<DmaSpace>, cmd: &Command) -> Result<(), Status> {
+        self.next_hold = None;
         if cmd.fuse() != 0 {
             return Err(Status::INVALID_FIELD);
         }
@@ -286,6 +336,36 @@ impl IoWorker {
                 }
                 let fua = cmd.cdw(12) & (1 << 30) != 0;
                 let segments = data_segments(mem.as_ref(), cmd, len, true)?;
+                let dir = if cmd.opcode() == io::WRITE {
+                    IoDirection::Write
+                } else {
+                    IoDirection::Read
+                };
+                let (not_before, stalled) = match ns.middle.admit(dir, offset, len) {
+                    Admission::Go { fail: true, .. } => {
+                        return Err(if dir == IoDirection::Write {
+                            Status::WRITE_FAULT
+                        } else {
+                            Status::UNRECOVERED_READ_ERROR
+                        })
+                    }
+                    Admission::Go {
+                        not_before,
+                        stalled,
+                        ..
+                    } => (not_before, stalled),
+                    // Only EBS volume models throttle; an NVMe namespace has
+                    // none, but if one did, the command would wait it out.
+                    Admission::Retry(at) => (Some(at), false),
+                };
+                self.next_hold = Some(Hold {
+                    nsid: cmd.nsid(),
+                    dir,
+                    offset,
+                    len,
+                    not_before,
+                    stalled,
+                });
                 match cmd.opcode() {
                     io::READ => {
                         let iov = iovecs(mem.as_ref(), &segments, true)?;
@@ -410,8 +490,10 @@ impl IoWorker {
             return Err(Status::INTERNAL_ERROR);
         };
         let has_data = !matches!(kind, Kind::Other);
+        let hold = self.next_hold.take();
         self.slots[slot] = Some(InFlight {
             cid,
+            hold,
             kind,
             status: Status::SUCCESS,
             remaining: entries.len() as u32,
@@ -491,10 +573,63 @@ impl IoWorker {
                 Err(s) => s,
             };
         }
+        match f.hold {
+            Some(hold) => self.release(Held {
+                at: hold.not_before.unwrap_or_else(Instant::now),
+                cid: f.cid,
+                status,
+                hold,
+            }),
+            None => self.complete(f.cid, status),
+        }
+    }
+
+    fn complete(&mut self, cid: u16, status: Status) {
         if !status.is_success() {
             self.ctrl.counters.io_errors.fetch_add(1, Ordering::Relaxed);
         }
-        self.finish(f.cid, status);
+        self.finish(cid, status);
+    }
+
+    /// Completes a held command if its time has come, else keeps it.
+    fn release(&mut self, mut h: Held) {
+        let stopping = self.stop.load(Ordering::Relaxed) != RUN;
+        let ns = self.ctrl.namespace(h.hold.nsid).ok();
+        if !stopping {
+            if h.at > Instant::now() {
+                self.held.push(h);
+                return;
+            }
+            if h.hold.stalled {
+                if let Some(at) = ns.and_then(|ns| {
+                    ns.middle
+                        .still_stalled(h.hold.dir, h.hold.offset, h.hold.len)
+                }) {
+                    h.at = at;
+                    self.held.push(h);
+                    return;
+                }
+            }
+        }
+        if let Some(ns) = ns {
+            ns.middle.completed(h.hold.dir, h.hold.len);
+        }
+        self.complete(h.cid, h.status);
+    }
+
+    /// Releases every held command whose time has come.
+    fn release_held(&mut self) {
+        if self.held.is_empty() {
+            return;
+        }
+        let now = Instant::now();
+        let (due, wait): (Vec<_>, Vec<_>) = std::mem::take(&mut self.held)
+            .into_iter()
+            .partition(|h| h.at <= now);
+        self.held = wait;
+        for h in due {
+            self.release(h);
+        }
     }
 
     /// Posts waiting completions and signals the vector as coalescing allows.
@@ -523,7 +658,7 @@ impl IoWorker {
         let (threshold, time) = self.coalescing();
         if self.unsignalled > threshold
             || since.elapsed() >= time
-            || self.stop.load(Ordering::Relaxed)
+            || self.stop.load(Ordering::Relaxed) != RUN
         {
             if self.q.cq.interrupts_enabled {
                 self.ctrl.irqs.signal(self.q.cq.vector);

@@ -13,6 +13,8 @@ use anyhow::Context;
 use clap::Parser;
 
 use card_firmware::metrics;
+use card_firmware::middle::{Latency, MiddleConfig};
+use hw_model::fault::{FaultKind, FaultSpec};
 use nvme_emulator::controller::{Controller, ControllerConfig};
 use nvme_emulator::namespace::{Namespace, NamespaceSpec};
 use nvme_emulator::server::{self, ServeError};
@@ -49,6 +51,37 @@ struct Args {
     /// Write the card's counters as JSON to this file every second.
     #[arg(long)]
     metrics: Option<PathBuf>,
+    /// Service time added to each read and write: `flash` (local NVMe
+    /// flash, from hw-model) or `none`.
+    #[arg(long, default_value = "none", value_parser = parse_media_model)]
+    media_model: Latency,
+    /// Seed of every random choice the card makes (latency, faults).
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// A fault applied to every namespace from the start, e.g.
+    /// `kind=io_error,range=0-1M` or `kind=latency,fixed_ms=5`
+    /// (repeatable; io_error, latency and stall).
+    #[arg(long = "fault", value_parser = parse_fault)]
+    faults: Vec<FaultSpec>,
+}
+
+fn parse_media_model(text: &str) -> Result<Latency, String> {
+    match text {
+        "flash" => Ok(Latency::Flash),
+        "none" => Ok(Latency::None),
+        other => Err(format!("unknown media model {other:?} (flash or none)")),
+    }
+}
+
+fn parse_fault(text: &str) -> Result<FaultSpec, String> {
+    let spec: FaultSpec = text.parse().map_err(|e| format!("{e}"))?;
+    match spec.kind {
+        FaultKind::IoError { .. } | FaultKind::Latency { .. } | FaultKind::Stall => Ok(spec),
+        _ => Err(format!(
+            "{} faults are not supported by the NVMe card (io_error, latency, stall)",
+            spec.kind.name()
+        )),
+    }
 }
 
 fn parse_ascii(text: &str, max: usize, what: &str) -> Result<String, String> {
@@ -127,8 +160,22 @@ enum Failure {
 
 fn run(args: Args) -> Result<(), Failure> {
     let mut namespaces = Vec::new();
-    for spec in &args.namespaces {
-        namespaces.push(Namespace::open(spec, args.direct).map_err(|e| Failure::Config(e.into()))?);
+    for (i, spec) in args.namespaces.iter().enumerate() {
+        let middle = MiddleConfig {
+            volume: None,
+            latency: args.media_model,
+            time_scale: 1.0,
+            // Each namespace draws its own latencies.
+            seed: args.seed.wrapping_add(i as u64),
+        };
+        let ns =
+            Namespace::open(spec, args.direct, &middle).map_err(|e| Failure::Config(e.into()))?;
+        for fault in &args.faults {
+            ns.middle
+                .add_fault(fault.clone())
+                .map_err(|e| Failure::Config(anyhow::anyhow!("--fault: {e}")))?;
+        }
+        namespaces.push(ns);
     }
     let serial = args
         .serial

@@ -4,6 +4,7 @@
 use std::path::PathBuf;
 
 use card_firmware::media::{FileMedia, MediaError, MediaOptions};
+use card_firmware::middle::{Middle, MiddleConfig, MiddleError};
 
 /// A `--namespace` argument.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -15,8 +16,10 @@ pub struct NamespaceSpec {
 
 #[derive(Debug, thiserror::Error)]
 pub enum NamespaceError {
-    #[error("{0}")]
+    #[error(transparent)]
     Media(#[from] MediaError),
+    #[error(transparent)]
+    Middle(#[from] MiddleError),
     #[error("namespace {path}: size {size} is not a multiple of its {lba_size}-byte LBA")]
     NotLbaMultiple {
         path: PathBuf,
@@ -92,15 +95,20 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
 }
 
 /// An open namespace.
-#[derive(Debug)]
 pub struct Namespace {
     pub media: FileMedia,
+    /// Faults and the flash latency model, shared with the block card.
+    pub middle: Middle,
     /// log2 of the LBA size.
     pub lba_shift: u32,
 }
 
 impl Namespace {
-    pub fn open(spec: &NamespaceSpec, direct: bool) -> Result<Self, NamespaceError> {
+    pub fn open(
+        spec: &NamespaceSpec,
+        direct: bool,
+        middle: &MiddleConfig,
+    ) -> Result<Self, NamespaceError> {
         let media = FileMedia::open(
             &spec.path,
             &MediaOptions {
@@ -118,8 +126,14 @@ impl Namespace {
         }
         Ok(Self {
             media,
+            middle: Middle::new(middle)?,
             lba_shift: spec.lba_size.trailing_zeros(),
         })
+    }
+
+    /// A namespace without faults or modelled latency.
+    pub fn open_plain(spec: &NamespaceSpec, direct: bool) -> Result<Self, NamespaceError> {
+        Self::open(spec, direct, &MiddleConfig::default())
     }
 
     pub fn lba_size(&self) -> u64 {
@@ -138,6 +152,15 @@ impl Namespace {
             return None;
         }
         Some((slba << self.lba_shift, count << self.lba_shift))
+    }
+}
+
+impl std::fmt::Debug for Namespace {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Namespace")
+            .field("media", &self.media)
+            .field("lba_shift", &self.lba_shift)
+            .finish_non_exhaustive()
     }
 }
 
@@ -166,7 +189,7 @@ mod tests {
         f.as_file().set_len(4096 + 512).unwrap();
         let spec: NamespaceSpec = format!("{},lba=4096", f.path().display()).parse().unwrap();
         assert!(matches!(
-            Namespace::open(&spec, false),
+            Namespace::open_plain(&spec, false),
             Err(NamespaceError::NotLbaMultiple { .. })
         ));
     }
@@ -176,7 +199,7 @@ mod tests {
         let f = tempfile::NamedTempFile::new().unwrap();
         f.as_file().set_len(8192).unwrap();
         let spec: NamespaceSpec = f.path().to_str().unwrap().parse().unwrap();
-        let ns = Namespace::open(&spec, false).unwrap();
+        let ns = Namespace::open_plain(&spec, false).unwrap();
         assert_eq!(ns.blocks(), 16);
         assert_eq!(ns.byte_range(15, 1), Some((15 * 512, 512)));
         assert_eq!(ns.byte_range(15, 2), None);

@@ -62,6 +62,11 @@ impl Drop for Host {
 
 impl Host {
     fn new(lba: u32) -> Self {
+        Self::with_faults(lba, &[])
+    }
+
+    /// A host whose namespace has these faults (in `--fault` syntax).
+    fn with_faults(lba: u32, faults: &[&str]) -> Self {
         let file = tempfile::NamedTempFile::new().unwrap();
         file.as_file().set_len(NS_BYTES).unwrap();
         let spec: NamespaceSpec = format!("{},lba={lba}", file.path().display())
@@ -72,7 +77,13 @@ impl Host {
             model: "cardsim NVMe Instance Storage".into(),
             firmware: "0.1.0".into(),
             io_queues: 2,
-            namespaces: vec![Namespace::open(&spec, false).unwrap()],
+            namespaces: vec![{
+                let ns = Namespace::open_plain(&spec, false).unwrap();
+                for f in faults {
+                    ns.middle.add_fault(f.parse().unwrap()).unwrap();
+                }
+                ns
+            }],
         })
         .unwrap();
         ctrl.dma_map(DmaRegion::heap(BASE, MEM));
@@ -250,7 +261,11 @@ impl Host {
     }
 
     fn ready(lba: u32) -> Self {
-        let mut h = Self::new(lba);
+        Self::ready_with_faults(lba, &[])
+    }
+
+    fn ready_with_faults(lba: u32, faults: &[&str]) -> Self {
+        let mut h = Self::with_faults(lba, faults);
         h.enable();
         h.create_queues(1, 32);
         h
@@ -869,4 +884,44 @@ fn dma_unmapped_under_the_controller_fails_commands_not_the_process() {
     h.ctrl.dma_unmap(0x4000_0000, 4096);
     let c = h.submit(1, rw(io::WRITE, 0, 1, 0x4000_0000, 0));
     assert_eq!(c.status, Status::DATA_TRANSFER_ERROR);
+}
+
+#[test]
+fn middle_faults_fail_delay_and_stall_commands() {
+    // I/O errors on the first MiB, a 20 ms latency on the second.
+    let mut h = Host::ready_with_faults(
+        512,
+        &[
+            "kind=io_error,range=0-1M",
+            "kind=latency,fixed_ms=20,range=1M-2M",
+        ],
+    );
+    assert_eq!(
+        h.submit(1, rw(io::READ, 0, 1, DATA, 0)).status,
+        Status::UNRECOVERED_READ_ERROR
+    );
+    assert_eq!(
+        h.submit(1, rw(io::WRITE, 8, 1, DATA, 0)).status,
+        Status::WRITE_FAULT
+    );
+    let mib = (1 << 20) / 512;
+    assert_eq!(
+        h.submit(1, rw(io::READ, mib, 1, DATA, 0)).status,
+        Status::SUCCESS
+    );
+    assert_eq!(
+        h.submit(1, rw(io::READ, 3 * mib, 1, DATA, 0)).status,
+        Status::SUCCESS
+    );
+
+    // A stall holds a command until it is cleared; others go by.
+    let mut h = Host::ready_with_faults(512, &["kind=stall,range=0-4K"]);
+    let stalled = h.push(1, rw(io::READ, 0, 1, DATA, 0));
+    h.ring(1);
+    let other = h.submit(1, rw(io::READ, 100, 1, DATA + 0x1000, 0));
+    assert_eq!(other.status, Status::SUCCESS);
+    let ns = h.ctrl.namespace(1).unwrap();
+    ns.middle.clear_faults();
+    let c = h.reap(1);
+    assert_eq!((c.cid, c.status), (stalled, Status::SUCCESS));
 }
