@@ -8,6 +8,7 @@ pub mod config;
 pub mod dhcp;
 pub mod frames;
 pub mod fuzzing;
+pub mod hash;
 pub mod offload;
 pub mod packet;
 pub mod secgroup;

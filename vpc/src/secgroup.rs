@@ -8,8 +8,8 @@
 //!
 //! Time comes from the caller's `now`; nothing here reads a clock.
 use crate::config::{Proto, Rule, RulePeer};
+use crate::hash::FastMap;
 use crate::packet::{self, L4, PROTO_ICMP, PROTO_TCP, PROTO_UDP, TCP_ACK, TCP_FIN, TCP_RST};
-use std::collections::HashMap;
 use std::net::Ipv4Addr;
 use std::time::{Duration, Instant};
 
@@ -40,7 +40,7 @@ pub enum Direction {
 }
 
 /// A flow as seen from the ENI: the ENI's own address is implied.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct FlowKey {
     pub proto: u8,
     pub remote: Ipv4Addr,
@@ -48,6 +48,18 @@ pub struct FlowKey {
     pub local_port: u16,
     /// The peer's port (TCP/UDP), 0 for ICMP.
     pub remote_port: u16,
+}
+
+impl std::hash::Hash for FlowKey {
+    /// One 128-bit write: the table's hash is per word, and this is the forwarding path's hottest lookup.
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        state.write_u128(
+            u128::from(u32::from(self.remote))
+                | u128::from(self.local_port) << 32
+                | u128::from(self.remote_port) << 48
+                | u128::from(self.proto) << 64,
+        );
+    }
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -204,7 +216,7 @@ pub enum Decision {
 /// The connection-tracking table of one ENI.
 #[derive(Debug)]
 pub struct Conntrack {
-    flows: HashMap<FlowKey, Entry>,
+    flows: FastMap<FlowKey, Entry>,
     capacity: usize,
 }
 
@@ -212,7 +224,7 @@ impl Conntrack {
     pub fn new(capacity: usize) -> Conntrack {
         // Pre-size modestly: a big `capacity` must not cost memory until flows exist.
         Conntrack {
-            flows: HashMap::with_capacity(capacity.min(1024)),
+            flows: FastMap::with_capacity_and_hasher(capacity.min(1024), Default::default()),
             capacity,
         }
     }

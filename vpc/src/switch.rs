@@ -14,6 +14,7 @@ use crate::addr::MacAddr;
 use crate::arp::{self, Arp};
 use crate::config::{ConfigError, Remote, VpcConfig};
 use crate::dhcp;
+use crate::hash::FastMap;
 use crate::offload;
 use crate::packet::{self, ETHERTYPE_ARP, ETHERTYPE_IPV4, ETH_HLEN, L4, PROTO_ICMP};
 use crate::secgroup::{self, Conntrack, Decision, Direction, PacketInfo};
@@ -309,7 +310,7 @@ pub struct Switch {
     /// Each port's security groups (indices into `config.security_groups`), apart from `ports` so rules can
     /// be read while a port's connection table is borrowed mutably.
     port_groups: Vec<Vec<usize>>,
-    by_ip: HashMap<Ipv4Addr, PortId>,
+    by_ip: FastMap<Ipv4Addr, PortId>,
     /// Learned MACs of hosts behind `[[remote]]`s.
     neighbors: HashMap<Ipv4Addr, MacAddr>,
     /// When the card last asked for an unresolved remote address.
