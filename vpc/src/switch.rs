@@ -809,9 +809,12 @@ impl Switch {
             .ok_or(nowhere(DropReason::UnknownVtep))?;
         let remote = self.config.remotes[ri];
         let router_mac = self.config.vpc.router_mac;
-        if inner.len() > usize::from(self.config.vpc.mtu) + ETH_HLEN {
-            return Err(nowhere(DropReason::Oversized));
-        }
+        let mtu = self.config.vpc.mtu;
+        let gso = if inner.len() > usize::from(mtu) + ETH_HLEN {
+            Some(peer_gso_header(inner, mtu).ok_or(nowhere(DropReason::Oversized))?)
+        } else {
+            None
+        };
         let eth = packet::eth(inner).map_err(nowhere)?;
         if eth.src.is_multicast() {
             return Err(nowhere(DropReason::SpoofedMac));
@@ -863,7 +866,9 @@ impl Switch {
                     .map_err(|(p, r)| (Some(p), r))?;
                 Ok(Verdict::ToPort {
                     port: to,
-                    header: offload::partial_checksum_header(inner).unwrap_or_default(),
+                    header: gso
+                        .or_else(|| offload::partial_checksum_header(inner))
+                        .unwrap_or_default(),
                     frame_offset: vxlan::HEADER_LEN,
                     rewrite: Some(EthRewrite {
                         dst: to_mac,
@@ -1012,6 +1017,33 @@ impl Switch {
             _ => Err(nowhere(DropReason::Unsupported)),
         }
     }
+}
+
+/// The vnet header for a TCP/IPv4 frame larger than the MTU from a VXLAN peer. Linux's vxlan device does
+/// TSO, and a tunnel GSO packet reaches a plain UDP socket unsegmented (the kernel segments only UDP_L4 GSO
+/// there), so a datagram may carry an inner TCP frame of up to 64 KiB with a partial checksum. It is
+/// delivered as the GSO frame it is: MSS = MTU less the IP and TCP headers, checksum partial at the TCP
+/// field. `None` (oversized) for anything else.
+fn peer_gso_header(inner: &[u8], mtu: u16) -> Option<VnetHeader> {
+    if inner.len() > offload::MAX_GSO_FRAME {
+        return None;
+    }
+    let l = offload::tcp_layout(inner).ok()?;
+    if l.ipv6 {
+        return None;
+    }
+    let gso_size = usize::from(mtu)
+        .checked_sub(l.l3_len + l.tcp_len)
+        .filter(|s| *s > 0)?;
+    Some(VnetHeader {
+        flags: vnet::F_NEEDS_CSUM,
+        gso_type: vnet::GSO_TCPV4,
+        hdr_len: u16::try_from(l.headers_len()).ok()?,
+        gso_size: u16::try_from(gso_size).ok()?,
+        csum_start: u16::try_from(l.l4_offset).ok()?,
+        csum_offset: 16,
+        num_buffers: 0,
+    })
 }
 
 /// The gateway's answer to an ICMP echo request: the same packet with addresses swapped (Ethernet and IP),

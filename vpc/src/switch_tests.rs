@@ -684,6 +684,21 @@ fn bad_vxlan_is_dropped_and_counted() {
     let big = frames::udp_v4(ROUTER, REMOTE_MAC, REMOTE_HOST, IP_A, 1, 2, &[0u8; 1600]);
     assert_eq!(
         from_remote(&mut sw, &big, now),
+        Verdict::Drop(DropReason::Oversized),
+        "only TCP is taken as GSO"
+    );
+    let v6 = frames::tcp_v6(
+        ROUTER,
+        REMOTE_MAC,
+        "fd00::1".parse().unwrap(),
+        "fd00::2".parse().unwrap(),
+        1,
+        2,
+        TCP_ACK,
+        &[0u8; 1600],
+    );
+    assert_eq!(
+        from_remote(&mut sw, &v6, now),
         Verdict::Drop(DropReason::Oversized)
     );
     let d = &sw.counters().vxlan_drops;
@@ -1058,5 +1073,67 @@ fn a_remote_hosts_arp_for_its_gateway_is_answered() {
         v,
         Verdict::Drop(DropReason::ArpIgnored),
         "another remote host: its own business"
+    );
+}
+
+#[test]
+fn a_tso_frame_from_a_linux_vxlan_peer_is_delivered_as_gso() {
+    let mut sw = switch();
+    let now = Instant::now();
+    let data: Vec<u8> = (0..20000u32).map(|i| i as u8).collect();
+    let big = frames::tcp_v4(
+        ROUTER,
+        REMOTE_MAC,
+        REMOTE_HOST,
+        IP_A,
+        3333,
+        5201,
+        TCP_ACK,
+        &data,
+    );
+    let v = from_remote(&mut sw, &big, now);
+    let Verdict::ToPort {
+        port: A,
+        header,
+        frame_offset: 8,
+        ..
+    } = v
+    else {
+        panic!("{v:?}")
+    };
+    assert_eq!(
+        header,
+        VnetHeader {
+            flags: F_NEEDS_CSUM,
+            gso_type: GSO_TCPV4,
+            hdr_len: 54,
+            gso_size: 1460,
+            csum_start: 34,
+            csum_offset: 16,
+            num_buffers: 0
+        }
+    );
+    // What the card does for a guest without GUEST_TSO4: segments that fit and carry the payload.
+    offload::check_tx(&header, &big, 1500).unwrap();
+    let mut joined = Vec::new();
+    offload::segment(&header, &big, 1500, &mut |s: &[u8]| {
+        assert!(s.len() <= 1514);
+        joined.extend_from_slice(&s[54..]);
+    })
+    .unwrap();
+    assert_eq!(joined, data);
+    let huge = frames::tcp_v4(
+        ROUTER,
+        REMOTE_MAC,
+        REMOTE_HOST,
+        IP_A,
+        3333,
+        5201,
+        TCP_ACK,
+        &vec![0u8; 65535],
+    );
+    assert_eq!(
+        from_remote(&mut sw, &huge, now),
+        Verdict::Drop(DropReason::Oversized)
     );
 }
