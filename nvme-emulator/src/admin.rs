@@ -484,6 +484,9 @@ impl Controller {
             }
         }
         self.set_doorbell_buffers(shadow, events);
+        self.counters
+            .doorbell_buffer_configs
+            .fetch_add(1, Ordering::Relaxed);
         // Let every worker look at its shadow doorbell now.
         for qid in 1..=self.config.io_queues {
             let _ = self.wake_fd(qid).write(1);

@@ -119,6 +119,8 @@ pub struct Counters {
     pub io_errors: AtomicU64,
     pub doorbell_writes: AtomicU64,
     pub resets: AtomicU64,
+    /// Successful Doorbell Buffer Config commands (shadow doorbells taken).
+    pub doorbell_buffer_configs: AtomicU64,
 }
 
 /// A completion queue. Posting is serialised by its lock, since several
@@ -792,6 +794,7 @@ impl Controller {
             "doorbell_writes": get(&c.doorbell_writes),
             "resets": get(&c.resets),
             "shadow_doorbells": self.doorbell_buffers().is_some(),
+            "doorbell_buffer_configs": get(&c.doorbell_buffer_configs),
             "interrupts": (0..self.irqs.count()).map(|v| self.irqs.fired(v as u16)).sum::<u64>(),
         })
     }

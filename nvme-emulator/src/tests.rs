@@ -925,3 +925,50 @@ fn middle_faults_fail_delay_and_stall_commands() {
     let c = h.reap(1);
     assert_eq!((c.cid, c.status), (stalled, Status::SUCCESS));
 }
+
+#[test]
+fn interrupt_coalescing_batches_interrupts() {
+    let mut h = Host::ready(512);
+    // Aggregation threshold 8 entries (0's based 7), time 25.5 ms.
+    let mut set = Command::new(admin::SET_FEATURES, 0);
+    set.dw[10] = u32::from(feature::INTERRUPT_COALESCING);
+    set.dw[11] = 7 | (255 << 8);
+    assert_eq!(h.admin(set).status, Status::SUCCESS);
+    let before = h.ctrl.irqs.fired(1);
+    for i in 0..8 {
+        h.push(1, rw(io::READ, i, 1, DATA, 0));
+    }
+    h.ring(1);
+    for _ in 0..8 {
+        assert_eq!(h.reap(1).status, Status::SUCCESS);
+    }
+    // Eight completions, but not one interrupt each (the threshold or the
+    // timer fire; a slow machine may split them into two batches).
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while h.ctrl.irqs.fired(1) == before {
+        assert!(Instant::now() < deadline, "no interrupt at all");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let fired = h.ctrl.irqs.fired(1) - before;
+    assert!(fired < 8, "{fired} interrupts for 8 completions");
+
+    // Coalescing disabled for the vector: a single completion is signalled
+    // at once, not after the aggregation time.
+    let mut iv = Command::new(admin::SET_FEATURES, 0);
+    iv.dw[10] = u32::from(feature::INTERRUPT_VECTOR_CONFIG);
+    iv.dw[11] = 1 | (1 << 16);
+    assert_eq!(h.admin(iv).status, Status::SUCCESS);
+    let before = h.ctrl.irqs.fired(1);
+    assert_eq!(
+        h.submit(1, rw(io::READ, 0, 1, DATA, 0)).status,
+        Status::SUCCESS
+    );
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while h.ctrl.irqs.fired(1) == before {
+        assert!(Instant::now() < deadline, "no interrupt");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    // The admin vector cannot coalesce.
+    iv.dw[11] = 0;
+    assert_eq!(h.admin(iv).status, Status::INVALID_FIELD);
+}
