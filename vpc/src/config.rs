@@ -1074,6 +1074,20 @@ mod tests {
         assert_eq!(c.subnets[0].gateway, Ipv4Addr::new(10, 0, 1, 1));
     }
 
+    proptest::proptest! {
+        /// Any edit of a valid file gives a config or an error, never a panic.
+        #[test]
+        fn parse_never_panics(at in 0usize..2000, with in "[ -~\n]{0,12}", cut in 0usize..2000) {
+            let mut text = EXAMPLE.to_string();
+            let at = text.char_indices().map(|(i, _)| i).nth(at % EXAMPLE.len()).unwrap_or(0);
+            text.insert_str(at, &with);
+            let cut = cut.min(text.len());
+            let cut = (0..=cut).rev().find(|i| text.is_char_boundary(*i)).unwrap_or(0);
+            let _ = VpcConfig::parse(&text[..cut]);
+            let _ = VpcConfig::parse(&text);
+        }
+    }
+
     #[test]
     fn port_ranges() {
         assert_eq!(

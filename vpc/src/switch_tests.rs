@@ -874,6 +874,15 @@ proptest! {
     }
 
     #[test]
+    fn from_uplink_never_panics(h in any::<[u8; 12]>(), f in proptest::collection::vec(any::<u8>(), 0..2000), arp in any::<bool>()) {
+        let mut sw = uplink_switch();
+        let h = VnetHeader::parse(&h).unwrap();
+        let mut f = f;
+        if arp && f.len() >= 14 { f[12] = 0x08; f[13] = 0x06; }
+        let _ = sw.from_uplink(&h, &f, Instant::now());
+    }
+
+    #[test]
     fn from_vxlan_never_panics(d in proptest::collection::vec(any::<u8>(), 0..2000), valid_head in any::<bool>()) {
         let mut sw = switch();
         let mut d = d;
