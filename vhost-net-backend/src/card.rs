@@ -13,6 +13,7 @@
 //! counted, nothing waits. Lock order: a TX vring, then RX vrings, then
 //! nothing; the switch's lock is never held across a delivery.
 
+use std::fs::File;
 use std::net::{SocketAddr, UdpSocket};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
@@ -33,7 +34,8 @@ use crate::allowance::{Allowance, Exceeded};
 use crate::chain::{self, ChainError, RxScratch};
 use crate::counters::{add, PortCounters};
 use crate::features::Negotiated;
-use crate::vxlan::VxlanSender;
+use crate::uplink::{UplinkCounters, UplinkSender};
+use crate::vxlan::{VxlanCounters, VxlanSender};
 
 /// vhost-user-backend maps a thread's queues with a u64 mask: 64 queues.
 pub const MAX_QUEUE_PAIRS: u16 = 32;
@@ -119,11 +121,19 @@ pub struct Card {
     pub ports: Vec<Arc<Port>>,
     /// The VXLAN socket, when `[vxlan]` is configured.
     pub vxlan: Option<Arc<UdpSocket>>,
+    pub vxlan_counters: Arc<VxlanCounters>,
+    /// The TAP uplink, when `[uplink]` is configured.
+    pub uplink: Option<Arc<File>>,
+    pub uplink_counters: Arc<UplinkCounters>,
     epoch: Instant,
 }
 
 impl Card {
-    pub fn new(config: VpcConfig, vxlan: Option<Arc<UdpSocket>>) -> Result<Self, String> {
+    pub fn new(
+        config: VpcConfig,
+        vxlan: Option<Arc<UdpSocket>>,
+        uplink: Option<Arc<File>>,
+    ) -> Result<Self, String> {
         let epoch = Instant::now();
         if let Some(eni) = config.enis.iter().find(|e| e.queue_pairs > MAX_QUEUE_PAIRS) {
             return Err(format!(
@@ -156,7 +166,28 @@ impl Card {
             switch: Mutex::new(switch),
             ports,
             vxlan,
+            vxlan_counters: Arc::default(),
+            uplink,
+            uplink_counters: Arc::default(),
             epoch,
+        })
+    }
+
+    /// What a forwarding thread needs: its own VXLAN and uplink senders.
+    pub fn forwarder(&self, queue_size: usize) -> std::io::Result<Forwarder> {
+        let vxlan = match &self.vxlan {
+            Some(s) => Some(VxlanSender::new(s.clone(), self.vxlan_counters.clone())?),
+            None => None,
+        };
+        let uplink = match &self.uplink {
+            Some(t) => Some(UplinkSender::new(t.clone(), self.uplink_counters.clone())?),
+            None => None,
+        };
+        Ok(Forwarder {
+            rx: RxScratch::with_capacity(queue_size),
+            dirty: Vec::with_capacity(16),
+            vxlan,
+            uplink,
         })
     }
 
@@ -194,6 +225,8 @@ impl Card {
         let c = switch.counters();
         json!({
             "enis": enis,
+            "vxlan": self.vxlan_counters.snapshot(),
+            "uplink": self.uplink_counters.snapshot(),
             "vxlan_received": c.vxlan_received,
             "vxlan_drops": switch_counters(&c.vxlan_drops),
             "uplink_received": c.uplink_received,
@@ -236,6 +269,21 @@ impl Card {
                 }
                 self.encapsulate(vtep, &vxlan_header, &header, frame, out);
             }
+            Verdict::ToUplink {
+                header,
+                frame_offset,
+                rewrite,
+            } => {
+                let (Some(frame), Some(uplink)) =
+                    (frame.get_mut(frame_offset..), out.uplink.as_mut())
+                else {
+                    return;
+                };
+                if let Some(r) = rewrite {
+                    r.apply(frame);
+                }
+                uplink.send(&header, frame);
+            }
             Verdict::Reply { to, mut frame } => match to {
                 Egress::Port(port) => self.deliver(port, &VnetHeader::plain(), &mut frame, out),
                 Egress::Vtep(vtep) => {
@@ -243,9 +291,13 @@ impl Card {
                         sender.send(vtep, &[], &frame);
                     }
                 }
-                Egress::Uplink => {}
+                Egress::Uplink => {
+                    if let Some(uplink) = out.uplink.as_mut() {
+                        uplink.send(&VnetHeader::plain(), &frame);
+                    }
+                }
             },
-            Verdict::ToUplink { .. } | Verdict::Drop(_) => {}
+            Verdict::Drop(_) => {}
         }
     }
 
@@ -420,17 +472,10 @@ pub struct Forwarder {
     /// (port, pair, vring) of each RX queue touched in this batch.
     dirty: Vec<(PortId, usize, Vring)>,
     pub vxlan: Option<VxlanSender>,
+    pub uplink: Option<UplinkSender>,
 }
 
 impl Forwarder {
-    pub fn new(queue_size: usize, vxlan: Option<VxlanSender>) -> Self {
-        Forwarder {
-            rx: RxScratch::with_capacity(queue_size),
-            dirty: Vec::with_capacity(16),
-            vxlan,
-        }
-    }
-
     fn mark(&mut self, port: PortId, pair: usize, vring: &Vring) {
         if !self.dirty.iter().any(|d| d.0 == port && d.1 == pair) {
             self.dirty.push((port, pair, vring.clone()));
@@ -452,6 +497,9 @@ impl Forwarder {
         }
         if let Some(v) = self.vxlan.as_mut() {
             v.flush();
+        }
+        if let Some(u) = self.uplink.as_mut() {
+            u.flush();
         }
     }
 }

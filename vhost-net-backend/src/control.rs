@@ -11,24 +11,15 @@ use card_firmware::control::{ControlError, ControlHandler};
 use serde_json::{json, Value};
 
 use crate::card::Card;
-use crate::vxlan::VxlanCounters;
 
 pub struct NetControl {
     pub card: Arc<Card>,
-    pub vxlan: Arc<VxlanCounters>,
-}
-
-/// Every counter of the card as one JSON document.
-pub fn snapshot(card: &Card, vxlan: &VxlanCounters) -> Value {
-    let mut v = card.snapshot();
-    v["vxlan"] = vxlan.snapshot();
-    v
 }
 
 impl ControlHandler for NetControl {
     fn handle(&self, op: &str, args: &Value) -> Result<Value, ControlError> {
         match op {
-            "metrics" => Ok(snapshot(&self.card, &self.vxlan)),
+            "metrics" => Ok(self.card.snapshot()),
             "set_security_groups" => {
                 let eni = args["eni"]
                     .as_str()

@@ -28,7 +28,6 @@ use crate::card::{Card, Forwarder, Port, RxSide};
 use crate::chain::{self, MAX_TX_CHAIN};
 use crate::counters::add;
 use crate::features;
-use crate::vxlan::VxlanSender;
 use vpc::vnet::VnetHeader;
 
 static TX_WARNINGS: WarnLimiter = WarnLimiter::new(1000);
@@ -52,28 +51,17 @@ fn timer_event(num_queues: usize) -> u16 {
 }
 
 impl PortDevice {
-    pub fn new(
-        card: Arc<Card>,
-        port: Arc<Port>,
-        memory: GuestMemory,
-        vxlan: Option<&Arc<crate::vxlan::VxlanCounters>>,
-    ) -> io::Result<Self> {
+    pub fn new(card: Arc<Card>, port: Arc<Port>, memory: GuestMemory) -> io::Result<Self> {
         let pairs = usize::from(port.eni.queue_pairs.max(1));
         let rx = Arc::new(RxSide::new(memory.clone(), pairs));
         let workers = (0..pairs)
             .map(|pair| {
-                let sender = match (&card.vxlan, vxlan) {
-                    (Some(socket), Some(counters)) => {
-                        Some(VxlanSender::new(socket.clone(), counters.clone())?)
-                    }
-                    _ => None,
-                };
                 Ok(Mutex::new(PairWorker {
                     pair,
                     timer: Timer::new()?,
                     throttled: false,
                     buf: Vec::with_capacity(MAX_TX_CHAIN),
-                    out: Forwarder::new(MAX_QUEUE_SIZE, sender),
+                    out: card.forwarder(MAX_QUEUE_SIZE)?,
                 }))
             })
             .collect::<io::Result<_>>()?;
@@ -331,35 +319,33 @@ impl CardBackend for PortDevice {
 }
 
 #[cfg(test)]
-mod tests {
+mod tests_support {
     //! Two ports of one card, each with a guest simulated on its own memory:
     //! rings laid out by virtio-queue's mock, chains written as a driver would,
     //! the port threads' events called directly.
 
     use super::*;
-    use std::sync::atomic::Ordering;
-    use std::time::{Duration, Instant};
 
-    use virtio_bindings::virtio_net::{
-        VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_GUEST_TSO4, VIRTIO_NET_F_MRG_RXBUF,
-    };
     use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
     use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
     use virtio_queue::mock::MockSplitQueue;
     use vm_memory::{Bytes, GuestAddress, GuestMemoryAtomic, GuestMemoryMmap};
-    use vpc::addr::MacAddr;
+    pub(super) use vpc::addr::MacAddr;
     use vpc::config::VpcConfig;
-    use vpc::vnet::{F_NEEDS_CSUM, GSO_TCPV4};
 
-    const QSIZE: u16 = 64;
-    const W: u16 = VRING_DESC_F_WRITE as u16;
-    const RX_RING: u64 = 0x0;
-    const TX_RING: u64 = 0x4000;
-    const BUFFERS: u64 = 0x10_0000;
-    const MAC_A: MacAddr = MacAddr([2, 0, 10, 0, 1, 10]);
-    const MAC_B: MacAddr = MacAddr([2, 0, 10, 0, 1, 11]);
+    pub(super) const QSIZE: u16 = 64;
+    pub(super) const W: u16 = VRING_DESC_F_WRITE as u16;
+    pub(super) const RX_RING: u64 = 0x0;
+    pub(super) const TX_RING: u64 = 0x4000;
+    pub(super) const BUFFERS: u64 = 0x10_0000;
+    pub(super) const MAC_A: MacAddr = MacAddr([2, 0, 10, 0, 1, 10]);
+    pub(super) const MAC_B: MacAddr = MacAddr([2, 0, 10, 0, 1, 11]);
 
-    fn config(a_extra: &str) -> VpcConfig {
+    pub(super) fn config(a_extra: &str) -> VpcConfig {
+        config_with(a_extra, "")
+    }
+
+    pub(super) fn config_with(a_extra: &str, tail: &str) -> VpcConfig {
         VpcConfig::parse(&format!(
             r#"
 [vpc]
@@ -388,15 +374,16 @@ mac = "02:00:0a:00:01:0b"
 ip = "10.0.1.11"
 subnet = "subnet-a"
 security_groups = ["sg-web"]
+{tail}
 "#
         ))
         .unwrap()
     }
 
     /// One simulated guest on a port: its memory, rings and the device.
-    struct Guest {
+    pub(super) struct Guest {
         memory: GuestMemory,
-        device: PortDevice,
+        pub(super) device: PortDevice,
         rx: Vring,
         tx: Vring,
         next_desc: [u16; 2],
@@ -406,12 +393,11 @@ security_groups = ["sg-web"]
     }
 
     impl Guest {
-        fn connect(card: &Arc<Card>, port: usize, features: u64) -> Guest {
+        pub(super) fn connect(card: &Arc<Card>, port: usize, features: u64) -> Guest {
             let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x100_0000)]).unwrap();
             let memory = GuestMemoryAtomic::new(mem);
             let device =
-                PortDevice::new(card.clone(), card.ports[port].clone(), memory.clone(), None)
-                    .unwrap();
+                PortDevice::new(card.clone(), card.ports[port].clone(), memory.clone()).unwrap();
             device.acked_features(features);
             let ring = |base: u64| -> (Vring, (u64, u64, u64)) {
                 let vring = Vring::new(memory.clone(), QSIZE).unwrap();
@@ -443,17 +429,17 @@ security_groups = ["sg-web"]
             }
         }
 
-        fn mem(&self) -> Arc<GuestMemoryMmap> {
+        pub(super) fn mem(&self) -> Arc<GuestMemoryMmap> {
             self.memory.memory().into_inner()
         }
 
-        fn rings(&self, q: usize) -> (u64, u64, u64) {
+        pub(super) fn rings(&self, q: usize) -> (u64, u64, u64) {
             self.layout[q]
         }
 
         /// Makes a chain of `(addr, len, flags)` available on queue `q`
         /// (0 RX, 1 TX).
-        fn offer(&mut self, q: usize, chain: &[(u64, u32, u16)]) {
+        pub(super) fn offer(&mut self, q: usize, chain: &[(u64, u32, u16)]) {
             let mem = self.mem();
             let (table, avail, _) = self.rings(q);
             let first = self.next_desc[q];
@@ -481,7 +467,7 @@ security_groups = ["sg-web"]
             self.next_desc[q] = (first + chain.len() as u16) % QSIZE;
         }
 
-        fn buffer(&mut self, bytes: &[u8], room: u32) -> u64 {
+        pub(super) fn buffer(&mut self, bytes: &[u8], room: u32) -> u64 {
             let at = self.next_buf;
             self.mem().write_slice(bytes, GuestAddress(at)).unwrap();
             self.next_buf += u64::from(room.max(bytes.len() as u32)).next_multiple_of(0x1000);
@@ -489,7 +475,7 @@ security_groups = ["sg-web"]
         }
 
         /// Posts `n` receive buffers of `len` bytes.
-        fn post_rx(&mut self, n: usize, len: u32) {
+        pub(super) fn post_rx(&mut self, n: usize, len: u32) {
             for _ in 0..n {
                 let at = self.buffer(&[], len);
                 self.offer(0, &[(at, len, W)]);
@@ -497,20 +483,20 @@ security_groups = ["sg-web"]
         }
 
         /// Sends a frame behind `header` in one descriptor.
-        fn send(&mut self, header: &VnetHeader, frame: &[u8]) {
+        pub(super) fn send(&mut self, header: &VnetHeader, frame: &[u8]) {
             let bytes = [&header.to_bytes()[..], frame].concat();
             let at = self.buffer(&bytes, 0);
             self.offer(1, &[(at, bytes.len() as u32, 0)]);
         }
 
-        fn kick(&self, q: u16) {
+        pub(super) fn kick(&self, q: u16) {
             self.device
                 .handle_event(q, EventSet::IN, &[self.rx.clone(), self.tx.clone()], 0)
                 .unwrap();
         }
 
         /// The used entries of queue `q`: (head, len).
-        fn used(&self, q: usize) -> Vec<(u32, u32)> {
+        pub(super) fn used(&self, q: usize) -> Vec<(u32, u32)> {
             let mem = self.mem();
             let (_, _, used) = self.rings(q);
             let idx: u16 = mem.read_obj(GuestAddress(used + 2)).unwrap();
@@ -526,7 +512,7 @@ security_groups = ["sg-web"]
         }
 
         /// The bytes the device wrote into RX buffer number `n` (posted in order).
-        fn received(&self, n: usize) -> Vec<u8> {
+        pub(super) fn received(&self, n: usize) -> Vec<u8> {
             let (head, len) = self.used(0)[n];
             let mem = self.mem();
             let (table, _, _) = self.rings(0);
@@ -540,27 +526,48 @@ security_groups = ["sg-web"]
         }
     }
 
-    fn features() -> u64 {
+    pub(super) fn features() -> u64 {
         features::offered()
     }
 
-    fn without(bits: &[u32]) -> u64 {
+    pub(super) fn without(bits: &[u32]) -> u64 {
         bits.iter().fold(features(), |f, b| f & !(1u64 << b))
     }
 
-    fn ping(src_mac: MacAddr, src: [u8; 4], dst: [u8; 4], payload: usize) -> Vec<u8> {
+    pub(super) fn ping(src_mac: MacAddr, src: [u8; 4], dst: [u8; 4], payload: usize) -> Vec<u8> {
+        ping_to(MAC_B, src_mac, src, dst, payload)
+    }
+
+    pub(super) fn ping_to(
+        dst_mac: MacAddr,
+        src_mac: MacAddr,
+        src: [u8; 4],
+        dst: [u8; 4],
+        payload: usize,
+    ) -> Vec<u8> {
         let mut icmp = vec![8, 0, 0, 0, 0, 1, 0, 1];
         icmp.resize(8 + payload, 0x5a);
-        vpc::frames::ipv4(MAC_B, src_mac, src.into(), dst.into(), 1, &icmp)
+        vpc::frames::ipv4(dst_mac, src_mac, src.into(), dst.into(), 1, &icmp)
     }
 
-    fn card(a_extra: &str) -> Arc<Card> {
-        Arc::new(Card::new(config(a_extra), None).unwrap())
+    pub(super) fn card(a_extra: &str) -> Arc<Card> {
+        Arc::new(Card::new(config(a_extra), None, None).unwrap())
     }
 
-    fn counter(c: &std::sync::atomic::AtomicU64) -> u64 {
-        c.load(Ordering::Relaxed)
+    pub(super) fn counter(c: &std::sync::atomic::AtomicU64) -> u64 {
+        c.load(std::sync::atomic::Ordering::Relaxed)
     }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::tests_support::*;
+    use super::*;
+    use std::time::{Duration, Instant};
+    use virtio_bindings::virtio_net::{
+        VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_GUEST_TSO4, VIRTIO_NET_F_MRG_RXBUF,
+    };
+    use vpc::vnet::{F_NEEDS_CSUM, GSO_TCPV4};
 
     #[test]
     fn a_frame_goes_from_one_guests_tx_chain_into_the_others_rx_buffers() {
@@ -849,5 +856,142 @@ security_groups = ["sg-web"]
             counter(&c.chain_errors[crate::chain::ChainError::RxBufferTooSmall.index()]),
             1
         );
+    }
+}
+
+#[cfg(test)]
+mod uplink_tests {
+    //! The TAP uplink against the host's side of a real tap: what the card
+    //! writes up the tap is read from an AF_PACKET socket on it, and what the
+    //! host sends down reaches the guest. Needs root (CI runs as root).
+
+    use super::tests_support::*;
+    use super::*;
+    use std::process::Command;
+    use std::time::{Duration, Instant};
+
+    struct Tap(String);
+    impl Drop for Tap {
+        fn drop(&mut self) {
+            let _ = Command::new("ip").args(["link", "del", &self.0]).status();
+        }
+    }
+
+    fn packet_socket(ifname: &str) -> std::os::fd::OwnedFd {
+        use std::os::fd::FromRawFd;
+        let proto = (libc::ETH_P_ALL as u16).to_be();
+        // SAFETY: plain syscalls on a fresh socket we own; structs live here.
+        unsafe {
+            let fd = libc::socket(libc::AF_PACKET, libc::SOCK_RAW, i32::from(proto));
+            assert!(
+                fd >= 0,
+                "AF_PACKET socket: {}",
+                std::io::Error::last_os_error()
+            );
+            let name = std::ffi::CString::new(ifname).unwrap();
+            let mut sll: libc::sockaddr_ll = std::mem::zeroed();
+            sll.sll_family = libc::AF_PACKET as u16;
+            sll.sll_protocol = proto;
+            sll.sll_ifindex = libc::if_nametoindex(name.as_ptr()) as i32;
+            assert!(sll.sll_ifindex > 0);
+            let r = libc::bind(
+                fd,
+                (&sll as *const libc::sockaddr_ll).cast(),
+                std::mem::size_of::<libc::sockaddr_ll>() as u32,
+            );
+            assert_eq!(r, 0, "bind: {}", std::io::Error::last_os_error());
+            let tv = libc::timeval {
+                tv_sec: 0,
+                tv_usec: 200_000,
+            };
+            libc::setsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                libc::SO_RCVTIMEO,
+                (&tv as *const libc::timeval).cast(),
+                std::mem::size_of::<libc::timeval>() as u32,
+            );
+            std::os::fd::OwnedFd::from_raw_fd(fd)
+        }
+    }
+
+    #[test]
+    fn frames_cross_the_tap_uplink_both_ways() {
+        use std::os::fd::AsRawFd;
+        let name = format!("csup{}", std::process::id() % 100_000);
+        let tap_file = Arc::new(crate::uplink::open_tap(&name).expect("open a tap (root?)"));
+        let _tap = Tap(name.clone());
+        assert!(Command::new("ip")
+            .args(["link", "set", "dev", &name, "up"])
+            .status()
+            .unwrap()
+            .success());
+        let host = packet_socket(&name);
+        let uplink = format!("[uplink]\ntap = \"{name}\"\n");
+        let card =
+            Arc::new(Card::new(config_with("", &uplink), None, Some(tap_file.clone())).unwrap());
+        {
+            let c = card.clone();
+            let out = card.forwarder(64).unwrap();
+            std::thread::spawn(move || crate::uplink::receive_forever(c, tap_file, out));
+        }
+        let mut a = Guest::connect(&card, 0, features::offered());
+        a.post_rx(8, 2048);
+        a.kick(0);
+        let router = card.config.vpc.router_mac;
+        let outside = [192, 0, 2, 1];
+
+        // Up: a ping to an address outside the VPC, sent to the gateway.
+        let up = ping_to(router, MAC_A, [10, 0, 1, 10], outside, 32);
+        a.send(&VnetHeader::plain(), &up);
+        a.kick(1);
+        let mut buf = vec![0u8; 4096];
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let got = loop {
+            assert!(Instant::now() < deadline, "the frame never came up the tap");
+            // SAFETY: reading into a live buffer.
+            let n = unsafe { libc::recv(host.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+            if n > 34 && buf[12..14] == [0x08, 0x00] && buf[30..34] == outside {
+                break buf[..n as usize].to_vec();
+            }
+        };
+        assert_eq!(&got[6..12], &router.0, "sent from the router MAC");
+        assert_eq!(&got[14..], &up[14..], "IP packet unchanged");
+        assert_eq!(
+            card.uplink_counters
+                .tx_frames
+                .load(std::sync::atomic::Ordering::Relaxed),
+            1
+        );
+
+        // Down: the host answers; the guest receives it.
+        let host_mac = MacAddr([2, 0, 0, 0, 0, 0x99]);
+        let mut icmp = up[34..].to_vec();
+        icmp[0] = 0; // echo reply
+        icmp[2] = 0;
+        icmp[3] = 0;
+        let reply = vpc::frames::ipv4(
+            router,
+            host_mac,
+            outside.into(),
+            [10, 0, 1, 10].into(),
+            1,
+            &icmp,
+        );
+        // SAFETY: sending a live buffer on our socket.
+        let n = unsafe { libc::send(host.as_raw_fd(), reply.as_ptr().cast(), reply.len(), 0) };
+        assert_eq!(n as usize, reply.len());
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while a.used(0).is_empty() {
+            assert!(
+                Instant::now() < deadline,
+                "the reply never reached the guest: {}",
+                card.snapshot()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let got = a.received(0);
+        assert_eq!(&got[12 + 14..], &reply[14..]);
+        assert_eq!(&got[12..18], &MAC_A.0, "addressed to the ENI");
     }
 }

@@ -6,6 +6,7 @@
 //! - [`device`]: a port's vhost-user backend and its queue-pair threads;
 //! - [`allowance`]: per-ENI bandwidth and packets-per-second buckets;
 //! - [`vxlan`]: the VXLAN socket on io_uring;
+//! - [`uplink`]: the optional TAP uplink on io_uring;
 //! - [`counters`], [`control`]: what the card reports.
 
 pub mod allowance;
@@ -15,4 +16,5 @@ pub mod control;
 pub mod counters;
 pub mod device;
 pub mod features;
+pub mod uplink;
 pub mod vxlan;

@@ -19,7 +19,7 @@ use card_firmware::{control, metrics, vhost};
 use vhost_net_backend::card::Card;
 use vhost_net_backend::control::NetControl;
 use vhost_net_backend::device::PortDevice;
-use vhost_net_backend::vxlan::{self, VxlanCounters};
+use vhost_net_backend::{uplink, vxlan};
 use vpc::config::VpcConfig;
 
 #[derive(Parser, Debug)]
@@ -121,38 +121,53 @@ fn run(args: Args) -> Result<(), Failure> {
         )),
         None => None,
     };
-    let vxlan_counters = Arc::new(VxlanCounters::default());
+    let uplink = match &config.uplink {
+        Some(u) => Some(Arc::new(
+            uplink::open_tap(&u.tap)
+                .with_context(|| format!("uplink.tap: cannot open tap {}", u.tap))
+                .map_err(Failure::Config)?,
+        )),
+        None => None,
+    };
     let card = Arc::new(
-        Card::new(config, vxlan_socket.clone()).map_err(|e| Failure::Config(anyhow::anyhow!(e)))?,
+        Card::new(config, vxlan_socket.clone(), uplink.clone())
+            .map_err(|e| Failure::Config(anyhow::anyhow!(e)))?,
     );
 
     if let Some(path) = &args.control {
-        control::spawn(
-            path,
-            Arc::new(NetControl {
-                card: card.clone(),
-                vxlan: vxlan_counters.clone(),
-            }),
-        )
-        .map_err(|e| Failure::Config(e.into()))?;
+        control::spawn(path, Arc::new(NetControl { card: card.clone() }))
+            .map_err(|e| Failure::Config(e.into()))?;
     }
     if let Some(path) = args.metrics.clone() {
         let c = card.clone();
-        let v = vxlan_counters.clone();
-        metrics::spawn_writer(path.clone(), Duration::from_secs(1), move || {
-            vhost_net_backend::control::snapshot(&c, &v)
-        })
-        .with_context(|| format!("cannot write metrics to {}", path.display()))
-        .map_err(Failure::Config)?;
+        metrics::spawn_writer(path.clone(), Duration::from_secs(1), move || c.snapshot())
+            .with_context(|| format!("cannot write metrics to {}", path.display()))
+            .map_err(Failure::Config)?;
     }
     if let Some(socket) = vxlan_socket {
         let c = card.clone();
-        let v = vxlan_counters.clone();
+        let out = card
+            .forwarder(256)
+            .map_err(|e| Failure::Runtime(e.into()))?;
         std::thread::Builder::new()
             .name("vxlan-rx".into())
             .spawn(move || {
-                if let Err(e) = vxlan::receive_forever(c, socket, v) {
+                if let Err(e) = vxlan::receive_forever(c, socket, out) {
                     tracing::error!(error = %e, "VXLAN receiver stopped");
+                }
+            })
+            .map_err(|e| Failure::Runtime(e.into()))?;
+    }
+    if let Some(tap) = uplink {
+        let c = card.clone();
+        let out = card
+            .forwarder(256)
+            .map_err(|e| Failure::Runtime(e.into()))?;
+        std::thread::Builder::new()
+            .name("uplink-rx".into())
+            .spawn(move || {
+                if let Err(e) = uplink::receive_forever(c, tap, out) {
+                    tracing::error!(error = %e, "uplink receiver stopped");
                 }
             })
             .map_err(|e| Failure::Runtime(e.into()))?;
@@ -161,7 +176,6 @@ fn run(args: Args) -> Result<(), Failure> {
     let mut threads = Vec::new();
     for port in card.ports.clone() {
         let card = card.clone();
-        let vxlan_counters = vxlan_counters.clone();
         let name = format!("port-{}", port.eni.id);
         let handle = std::thread::Builder::new()
             .name(name)
@@ -184,7 +198,7 @@ fn run(args: Args) -> Result<(), Failure> {
                     "vhost-net-backend",
                     &socket,
                     |memory| {
-                        PortDevice::new(card.clone(), port.clone(), memory, Some(&vxlan_counters))
+                        PortDevice::new(card.clone(), port.clone(), memory)
                             .map_err(|e| e.to_string())
                     },
                     announce,

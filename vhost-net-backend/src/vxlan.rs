@@ -218,11 +218,9 @@ impl VxlanSender {
 }
 
 /// Receives on the VXLAN socket for ever (a thread of its own).
-pub fn receive_forever(
-    card: Arc<Card>,
-    socket: Arc<UdpSocket>,
-    counters: Arc<VxlanCounters>,
-) -> io::Result<()> {
+pub fn receive_forever(card: Arc<Card>, socket: Arc<UdpSocket>, out: Forwarder) -> io::Result<()> {
+    let counters = card.vxlan_counters.clone();
+    let mut out = out;
     let mut ring = IoUring::new(RECV_SLOTS as u32 * 2)?;
     let mut slots: Vec<Box<MsgSlot>> = (0..RECV_SLOTS).map(|_| MsgSlot::new(MAX_RECV)).collect();
     let fd = types::Fd(socket.as_raw_fd());
@@ -239,8 +237,6 @@ pub fn receive_forever(
     for (i, slot) in slots.iter_mut().enumerate() {
         post(&mut ring, slot, i);
     }
-    let sender = VxlanSender::new(socket.clone(), counters.clone())?;
-    let mut out = Forwarder::new(256, Some(sender));
     let mut done = Vec::with_capacity(RECV_SLOTS);
     loop {
         match ring.submit_and_wait(1) {
