@@ -100,7 +100,7 @@ fio --name=verify --filename=/dev/nvme0n1 --rw=randwrite --bs=4k --iodepth=16 --
     --cpus_allowed=0-1 --cpus_allowed_policy=split --group_reporting
 {writes}
 echo CARDSIM-STEP-WRITTEN
-sleep 3
+sleep 1
 dd if=/dev/zero of=/dev/nvme0n1 bs=512 count=0 conv=fsync
 echo CARDSIM-STEP-FLUSHED
 sleep 2
