@@ -274,3 +274,137 @@ pub fn serve_forever(
     let _ = admin.join();
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::controller::ControllerConfig;
+    use crate::dma::{DmaMemory, DmaSpace};
+    use crate::namespace::{Namespace, NamespaceSpec};
+    use crate::spec::{admin, reg, Command, Completion, Status};
+    use std::os::unix::io::AsRawFd;
+    use std::time::{Duration, Instant};
+    use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+    const GUEST: u64 = 0x10_0000;
+
+    fn bar_read32(client: &mut vfio_user::Client, offset: u64) -> u32 {
+        let mut b = [0u8; 4];
+        client
+            .region_read(VFIO_PCI_BAR0_REGION_INDEX, offset, &mut b)
+            .unwrap();
+        u32::from_le_bytes(b)
+    }
+
+    fn bar_write(client: &mut vfio_user::Client, offset: u64, data: &[u8]) {
+        client
+            .region_write(VFIO_PCI_BAR0_REGION_INDEX, offset, data)
+            .unwrap();
+    }
+
+    fn wait(what: &str, mut f: impl FnMut() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !f() {
+            assert!(Instant::now() < deadline, "timed out waiting for {what}");
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+
+    /// rust-vmm's client plays the VMM: config space, DMA with a shared
+    /// file, an MSI-X eventfd, registers and an Identify through the socket.
+    #[test]
+    fn a_vfio_user_client_identifies_the_controller() {
+        let dir = tempfile::tempdir().unwrap();
+        let ns_path = dir.path().join("ns.img");
+        std::fs::File::create(&ns_path)
+            .unwrap()
+            .set_len(1 << 20)
+            .unwrap();
+        let spec: NamespaceSpec = ns_path.to_str().unwrap().parse().unwrap();
+        let ctrl = Controller::new(ControllerConfig {
+            serial: "SOCKTEST".into(),
+            model: "cardsim NVMe Instance Storage".into(),
+            firmware: "0.1.0".into(),
+            io_queues: 1,
+            namespaces: vec![Namespace::open_plain(&spec, false).unwrap()],
+        })
+        .unwrap();
+        let socket = dir.path().join("nvme.sock");
+        {
+            let (ctrl, socket) = (ctrl.clone(), socket.clone());
+            std::thread::spawn(move || serve_forever(ctrl, &socket, || {}));
+        }
+        wait("the socket", || socket.exists());
+        let mut client = vfio_user::Client::new(&socket).unwrap();
+
+        let mut id = [0u8; 4];
+        client
+            .region_read(VFIO_PCI_CONFIG_REGION_INDEX, 0, &mut id)
+            .unwrap();
+        assert_eq!(u32::from_le_bytes(id), 0xcd01_1d0f);
+        // Accesses outside a region read zeros and keep the stream in step.
+        let mut junk = [0xffu8; 8];
+        client
+            .region_read(VFIO_PCI_BAR0_REGION_INDEX, BAR0_SIZE - 4, &mut junk)
+            .unwrap();
+        assert_eq!(junk, [0; 8]);
+        bar_write(&mut client, BAR0_SIZE + 64, &[1, 2, 3, 4]);
+        bar_write(&mut client, reg::CC + 1, &[1]);
+        assert_eq!(bar_read32(&mut client, reg::VS), 0x0001_0400);
+
+        // Guest memory: a shared file both sides map.
+        let memory = tempfile::tempfile().unwrap();
+        memory.set_len(1 << 20).unwrap();
+        client
+            .dma_map(0, GUEST, 1 << 20, memory.as_raw_fd())
+            .unwrap();
+        let guest =
+            DmaSpace::default().with(DmaRegion::map(&memory, 0, GUEST, 1 << 20, true).unwrap());
+        let irq = EventFd::new(EFD_NONBLOCK).unwrap();
+        client
+            .set_irqs(
+                VFIO_PCI_MSIX_IRQ_INDEX,
+                VFIO_IRQ_SET_DATA_EVENTFD | VFIO_IRQ_SET_ACTION_TRIGGER,
+                0,
+                1,
+                &[irq.as_raw_fd()],
+            )
+            .unwrap();
+
+        let (asq, acq, data) = (GUEST, GUEST + 0x1000, GUEST + 0x2000);
+        bar_write(&mut client, reg::AQA, &(7u32 | (7 << 16)).to_le_bytes());
+        bar_write(&mut client, reg::ASQ, &asq.to_le_bytes());
+        bar_write(&mut client, reg::ACQ, &acq.to_le_bytes());
+        bar_write(
+            &mut client,
+            reg::CC,
+            &(1u32 | (6 << 16) | (4 << 20)).to_le_bytes(),
+        );
+        wait("CSTS.RDY", || bar_read32(&mut client, reg::CSTS) & 1 == 1);
+
+        let mut identify = Command::new(admin::IDENTIFY, 0x42).with_prp(data, 0);
+        identify.dw[10] = 1;
+        guest.write(asq, &identify.to_bytes()).unwrap();
+        bar_write(&mut client, reg::DOORBELLS, &1u32.to_le_bytes());
+        let mut cqe = [0u8; 16];
+        wait("the completion", || {
+            guest.read(acq, &mut cqe).unwrap();
+            Completion::from_bytes(&cqe).1
+        });
+        let (c, _) = Completion::from_bytes(&cqe);
+        assert_eq!((c.cid, c.status), (0x42, Status::SUCCESS));
+        wait("the MSI-X eventfd", || irq.read().is_ok());
+        let mut model = [0u8; 29];
+        guest.read(data + 24, &mut model).unwrap();
+        assert_eq!(&model, b"cardsim NVMe Instance Storage");
+
+        // A device reset from the client resets the controller.
+        client.reset().unwrap();
+        wait("CSTS.RDY = 0", || {
+            bar_read32(&mut client, reg::CSTS) & 1 == 0
+        });
+        // Taking the memory away: the controller holds no mapping of it.
+        client.dma_unmap(GUEST, 1 << 20).unwrap();
+        wait("the unmap", || ctrl.dma().regions() == 0);
+    }
+}
