@@ -84,8 +84,23 @@ pub fn wait_for_seccomp(pid: u32, timeout: Duration) -> Result<ProcessJail> {
 /// orig_rax = -1, so the kernel does not restart the old call) makes it
 /// execute `nr` as soon as it runs. What the thread does with the result is
 /// not our concern: the point is what the card's filter does with the call.
+///
+/// A busy thread may be caught in user code rather than in a system call;
+/// then it is let go and caught again, up to a few hundred times.
 #[cfg(target_arch = "x86_64")]
 pub fn inject_syscall(tid: u32, nr: i64, args: [u64; 3]) -> Result<()> {
+    for _ in 0..500 {
+        if try_inject_syscall(tid, nr, args)? {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    bail!("thread {tid} was never caught inside a system call")
+}
+
+/// One attempt: Ok(false) if the thread was not in a system call.
+#[cfg(target_arch = "x86_64")]
+fn try_inject_syscall(tid: u32, nr: i64, args: [u64; 3]) -> Result<bool> {
     let pid = tid as libc::pid_t;
     let os = |what: &str| anyhow::anyhow!("{what}: {}", std::io::Error::last_os_error());
     // SAFETY: ptrace on another process with valid request codes and a regs
@@ -111,12 +126,11 @@ pub fn inject_syscall(tid: u32, nr: i64, args: [u64; 3]) -> Result<()> {
         }
         let at = regs.rip - 2;
         let word = libc::ptrace(libc::PTRACE_PEEKTEXT, pid, at, 0) as u64;
-        if word & 0xffff != 0x050f {
+        // In a system call: rip is just past `syscall` (0f 05) and orig_rax
+        // holds the call's number.
+        if word & 0xffff != 0x050f || regs.orig_rax == u64::MAX {
             detach();
-            bail!(
-                "thread {tid} is not stopped just past a syscall instruction (rip {:#x})",
-                regs.rip
-            );
+            return Ok(false);
         }
         regs.rip = at;
         regs.rax = nr as u64;
@@ -132,7 +146,7 @@ pub fn inject_syscall(tid: u32, nr: i64, args: [u64; 3]) -> Result<()> {
             return Err(os("PTRACE_DETACH"));
         }
     }
-    Ok(())
+    Ok(true)
 }
 
 /// Whether `path`'s entries, seen from inside a jail, are exactly `names`.

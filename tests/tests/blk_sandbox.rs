@@ -165,3 +165,85 @@ fn no_sandbox_leaves_the_card_unfiltered() {
     assert_eq!(jail.seccomp, 0, "{jail:?}");
     assert!(!jail.own_mount_namespace, "{jail:?}");
 }
+
+/// The thread ids of `pid` whose name is `name`.
+fn threads_named(pid: u32, name: &str) -> Vec<u32> {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .map(|tasks| {
+            tasks
+                .flatten()
+                .filter(|t| {
+                    std::fs::read_to_string(t.path().join("comm"))
+                        .is_ok_and(|comm| comm.trim() == name)
+                })
+                .filter_map(|t| t.file_name().to_str()?.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn seccomp_filters(pid: u32, tid: u32) -> u32 {
+    std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("Seccomp_filters:"))
+                .and_then(|v| v.trim().parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+#[test]
+fn a_queue_worker_is_confined_beyond_the_process() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut card = start(dir.path(), &[]);
+    let pid = card.id();
+    wait_for_seccomp(pid, Duration::from_secs(10)).unwrap();
+    // A VMM with a queue running: cardbench plays it.
+    let mut vmm = KillOnDrop(
+        Command::new(card_binary("cardbench").unwrap())
+            .args(["blk", "--rw", "randread", "--runtime", "30", "--socket"])
+            .arg(dir.path().join("blk.sock"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    // The worker confines itself on its first event.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let worker = loop {
+        let confined: Vec<u32> = threads_named(pid, "vring_worker")
+            .into_iter()
+            .filter(|&tid| seccomp_filters(pid, tid) >= 2)
+            .collect();
+        if let Some(&tid) = confined.first() {
+            break tid;
+        }
+        if Instant::now() > deadline {
+            let _ = card.kill();
+            panic!("no queue worker with its own filter appeared");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    // accept4 is in the process's allowlist (the main thread takes VMM
+    // connections with it), not in a queue worker's.
+    if let Err(e) = inject_syscall(worker, libc::SYS_accept4, [0, 0, 0]) {
+        let _ = card.kill();
+        panic!("cannot inject: {e:#}");
+    }
+    let status = wait_exit(&mut card, Duration::from_secs(10));
+    let _ = vmm.0.kill();
+    let mut stderr = String::new();
+    card.stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut stderr)
+        .unwrap();
+    assert_eq!(status.signal(), Some(libc::SIGSYS), "{status:?}\n{stderr}");
+    let named = format!(
+        "{}{}",
+        card_firmware::sandbox::FORBIDDEN_SYSCALL_MESSAGE,
+        libc::SYS_accept4
+    );
+    assert!(stderr.contains(&named), "{stderr}");
+}

@@ -169,9 +169,11 @@ fn guest_bad_qemu_arg_reports_stderr() -> Result<()> {
 fn guest_timeout_kills_qemu() -> Result<()> {
     let mut guest = Guest::builder(Vmm::Qemu7)
         .script("echo sleeping\nsleep 600\n")
-        .timeout(Duration::from_secs(20))
+        // Room for a slow boot on a loaded machine: the timeout must fall
+        // after the script started, while it sleeps.
+        .timeout(Duration::from_secs(40))
         .boot()?;
-    guest.wait_for_line("sleeping", Duration::from_secs(20))?;
+    guest.wait_for_line("sleeping", Duration::from_secs(40))?;
     let pid = guest.pid().context("QEMU should be running")?;
     let err = guest.wait().expect_err("the guest must time out");
     eprintln!("{err:#}");

@@ -115,6 +115,9 @@ impl VhostUserBackend for BlockDevice {
         vrings: &[Vring],
         thread_id: usize,
     ) -> io::Result<()> {
+        // This thread reads what the guest wrote: narrow its system calls
+        // before it does (once; nothing without a sandbox).
+        card_firmware::sandbox::confine_queue_worker();
         // One queue per thread: the thread's only vring is that queue.
         let vring = vrings
             .first()

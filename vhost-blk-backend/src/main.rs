@@ -266,6 +266,10 @@ fn run(args: Args) -> Result<(), Failure> {
         .enter(writable, &vhost_blk_backend::sandbox::allowlist())
         .map_err(|e| Failure::Config(e.into()))?
     {
+        card_firmware::sandbox::set_queue_worker_allowlist(
+            &vhost_blk_backend::sandbox::queue_worker_allowlist(),
+        )
+        .map_err(|e| Failure::Runtime(e.into()))?;
         tracing::info!(
             uid = jail.uid,
             gid = jail.gid,

@@ -1,4 +1,5 @@
-//! The system calls the block card makes once it is jailed.
+//! The system calls the block card makes once it is jailed: the whole
+//! process, and its queue workers (which read the guest's requests) apart.
 //!
 //! Measured with `strace -f` over the block-card tests (guest fio, faults,
 //! control calls, metrics, reconnects); docs/SECURITY.md lists them per
@@ -17,4 +18,85 @@ pub fn allowlist() -> Allowlist {
         SYS_renameat,
         SYS_renameat2,
     ])
+}
+
+/// What a queue worker does: wait on its kicks, completion eventfd and
+/// timer; enter its ring; read back old data for the power-cut undo log;
+/// signal the guest; allocate; log; and end.
+pub fn queue_worker_allowlist() -> Allowlist {
+    Allowlist::from_calls(&syscalls![
+        SYS_read,
+        SYS_write,
+        SYS_pread64,
+        SYS_close,
+        SYS_epoll_wait,
+        SYS_io_uring_enter,
+        SYS_timerfd_settime,
+        SYS_futex,
+        SYS_mmap,
+        SYS_munmap,
+        SYS_mprotect,
+        SYS_madvise,
+        SYS_mremap,
+        SYS_brk,
+        SYS_getrandom,
+        SYS_clock_gettime,
+        SYS_clock_nanosleep,
+        SYS_sched_yield,
+        SYS_sched_getaffinity,
+        SYS_gettid,
+        SYS_getpid,
+        SYS_prctl,
+        SYS_rseq,
+        SYS_set_robust_list,
+        SYS_sigaltstack,
+        SYS_rt_sigprocmask,
+        SYS_rt_sigreturn,
+        SYS_tgkill,
+        SYS_exit,
+    ])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The allowlist in docs/SECURITY.md between `<!-- BEGIN name -->` and
+    /// `<!-- END name -->`, one call per backquoted word.
+    fn documented(name: &str) -> Vec<String> {
+        let doc = include_str!("../../docs/SECURITY.md");
+        let begin = format!("<!-- BEGIN {name} -->");
+        let end = format!("<!-- END {name} -->");
+        let start = doc.find(&begin).expect("begin marker") + begin.len();
+        let stop = doc[start..].find(&end).expect("end marker") + start;
+        let mut names: Vec<String> = doc[start..stop]
+            .split('`')
+            .skip(1)
+            .step_by(2)
+            .map(str::to_owned)
+            .collect();
+        names.sort();
+        names
+    }
+
+    #[test]
+    fn security_md_lists_the_process_allowlist() {
+        assert_eq!(documented("vhost-blk-backend process"), allowlist().names());
+    }
+
+    #[test]
+    fn security_md_lists_the_queue_worker_allowlist() {
+        assert_eq!(
+            documented("vhost-blk-backend queue worker"),
+            queue_worker_allowlist().names()
+        );
+    }
+
+    #[test]
+    fn a_queue_worker_needs_no_more_than_the_process() {
+        let process = allowlist().names();
+        for call in queue_worker_allowlist().names() {
+            assert!(process.contains(&call), "{call} is not in the process allowlist");
+        }
+    }
 }
