@@ -877,17 +877,17 @@ impl Controller {
     /// Enables the controller, identifies it, asks for the I/O queues and
     /// sets up shadow doorbells: the rest of [`Controller::attach`].
     pub fn init(&mut self) -> Result<()> {
-        let ctrl = self;
-        ctrl.enable()?;
-        let page = ctrl.identify(cns::CONTROLLER, 0)?;
-        ctrl.info = ControllerInfo::parse(&page);
-        if ctrl.info.sqes & 0xf > 6 || ctrl.info.sqes >> 4 < 6 || ctrl.info.cqes & 0xf > 4 {
+        self.enable()?;
+        let page = self.identify(cns::CONTROLLER, 0)?;
+        self.info = ControllerInfo::parse(&page);
+        // Bits 3:0 are the required entry size, 7:4 the largest allowed.
+        let (sqes, cqes) = (self.info.sqes, self.info.cqes);
+        if sqes & 0xf > 6 || sqes >> 4 < 6 || cqes & 0xf > 4 || cqes >> 4 < 4 {
             return Err(DriverError::NotNvme(format!(
-                "entry sizes SQES {:#x} CQES {:#x} do not allow 64/16 bytes",
-                ctrl.info.sqes, ctrl.info.cqes
+                "entry sizes SQES {sqes:#x} CQES {cqes:#x} do not allow 64/16 bytes"
             )));
         }
-        ctrl.setup_after_enable()
+        self.setup_after_enable()
     }
 
     /// Number of Queues and shadow doorbells: what must be redone after a reset.
