@@ -40,6 +40,9 @@ pub struct ControllerConfig {
     pub firmware: String,
     /// I/O submission/completion queue pairs the controller offers.
     pub io_queues: u16,
+    /// How long an idle queue worker keeps polling its (shadow) doorbell
+    /// and its ring before it sleeps; zero = sleep at once.
+    pub poll: Duration,
     /// Namespaces; NSID n is `namespaces[n - 1]`.
     pub namespaces: Vec<Namespace>,
 }

@@ -165,7 +165,7 @@ impl IoWorker {
             }
             let reaped = self.reap();
             self.post(&mem);
-            if fetched > 0 || reaped > 0 {
+            if fetched > 0 || reaped > 0 || self.poll(&mem) {
                 continue;
             }
             // Idle: publish the event index, then look once more so a tail
@@ -214,6 +214,30 @@ impl IoWorker {
         }
         let mem = self.ctrl.dma();
         self.post(&mem);
+    }
+
+    /// Polls for a new tail or a completion for up to the configured poll
+    /// time; true if something arrived.
+    fn poll(&mut self, mem: &Arc<DmaSpace>) -> bool {
+        let limit = self.ctrl.config.poll;
+        if limit.is_zero() {
+            return false;
+        }
+        let until = Instant::now() + limit;
+        while Instant::now() < until {
+            if self.stop.load(Ordering::Relaxed) != RUN {
+                return true;
+            }
+            if self.ctrl.sq_tail(self.q.qid, mem) != Some(self.head) && !self.free.is_empty() {
+                return true;
+            }
+            if self.ring.in_flight() > 0 && self.reap() > 0 {
+                self.post(mem);
+                return true;
+            }
+            std::hint::spin_loop();
+        }
+        false
     }
 
     /// How long to sleep: until a coalesced interrupt is due, a short while

@@ -326,6 +326,7 @@ mod tests {
             model: "cardsim NVMe Instance Storage".into(),
             firmware: "0.1.0".into(),
             io_queues: 1,
+            poll: Duration::ZERO,
             namespaces: vec![Namespace::open_plain(&spec, false).unwrap()],
         })
         .unwrap();

@@ -67,6 +67,10 @@ impl Host {
 
     /// A host whose namespace has these faults (in `--fault` syntax).
     fn with_faults(lba: u32, faults: &[&str]) -> Self {
+        Self::build(lba, faults, Duration::ZERO)
+    }
+
+    fn build(lba: u32, faults: &[&str], poll: Duration) -> Self {
         let file = tempfile::NamedTempFile::new().unwrap();
         file.as_file().set_len(NS_BYTES).unwrap();
         let spec: NamespaceSpec = format!("{},lba={lba}", file.path().display())
@@ -77,6 +81,7 @@ impl Host {
             model: "cardsim NVMe Instance Storage".into(),
             firmware: "0.1.0".into(),
             io_queues: 2,
+            poll,
             namespaces: vec![{
                 let ns = Namespace::open_plain(&spec, false).unwrap();
                 for f in faults {
@@ -971,4 +976,27 @@ fn interrupt_coalescing_batches_interrupts() {
     // The admin vector cannot coalesce.
     iv.dw[11] = 0;
     assert_eq!(h.admin(iv).status, Status::INVALID_FIELD);
+}
+
+#[test]
+fn polling_workers_serve_shadow_and_register_doorbells() {
+    let mut h = Host::build(512, &[], Duration::from_micros(200));
+    h.enable();
+    h.create_queues(1, 16);
+    for i in 0..20 {
+        assert_eq!(
+            h.submit(1, rw(io::READ, i, 1, DATA, 0)).status,
+            Status::SUCCESS
+        );
+    }
+    let dbbc = Command::new(admin::DOORBELL_BUFFER_CONFIG, 0).with_prp(SHADOW, EVENTS);
+    assert_eq!(h.admin(dbbc).status, Status::SUCCESS);
+    h.shadow = true;
+    for i in 0..20 {
+        assert_eq!(
+            h.submit(1, rw(io::WRITE, i, 1, DATA, 0)).status,
+            Status::SUCCESS
+        );
+    }
+    h.disable();
 }
