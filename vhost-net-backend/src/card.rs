@@ -13,6 +13,7 @@
 //! counted, nothing waits. Lock order: a TX vring, then RX vrings, then
 //! nothing; the switch's lock is never held across a delivery.
 
+use std::collections::VecDeque;
 use std::fs::File;
 use std::net::{SocketAddr, UdpSocket};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -25,7 +26,7 @@ use card_firmware::warn_limited;
 use serde_json::{json, Value};
 use vhost_user_backend::VringT;
 use virtio_queue::QueueT;
-use vm_memory::GuestAddressSpace;
+use vm_memory::{GuestAddressSpace, GuestMemoryMmap};
 use vpc::config::{EniConfig, VpcConfig};
 use vpc::switch::{Egress, PortId, Switch, Verdict};
 use vpc::vnet::VnetHeader;
@@ -58,6 +59,59 @@ pub struct RxSide {
     acked_features: AtomicU64,
     /// The RX vring of each queue pair, once its thread has run.
     pairs: Vec<RwLock<Option<Vring>>>,
+    /// Per queue pair: frames waiting for receive buffers.
+    backlogs: Vec<Mutex<Backlog>>,
+}
+
+/// Frames held for a guest that has no receive buffer free right now, as a
+/// NIC's receive FIFO (or a tap's queue) would hold them: bounded in frames
+/// and bytes, oldest delivered first, buffers reused (no allocation once
+/// warm). A frame that finds the backlog full is dropped and counted
+/// (`rx_no_buffers`).
+struct Backlog {
+    frames: VecDeque<(VnetHeader, Vec<u8>)>,
+    bytes: usize,
+    free: Vec<Vec<u8>>,
+}
+
+/// Frames and bytes a queue pair's backlog holds at most.
+pub const BACKLOG_FRAMES: usize = 512;
+pub const BACKLOG_BYTES: usize = 2 << 20;
+
+impl Backlog {
+    fn new() -> Self {
+        Backlog {
+            frames: VecDeque::with_capacity(BACKLOG_FRAMES),
+            bytes: 0,
+            free: Vec::new(),
+        }
+    }
+
+    /// Keeps a copy of the frame; false if there is no room.
+    fn push(&mut self, header: &VnetHeader, frame: &[u8]) -> bool {
+        if self.frames.len() >= BACKLOG_FRAMES || self.bytes + frame.len() > BACKLOG_BYTES {
+            return false;
+        }
+        let mut buf = self.free.pop().unwrap_or_default();
+        buf.clear();
+        buf.extend_from_slice(frame);
+        self.bytes += frame.len();
+        self.frames.push_back((*header, buf));
+        true
+    }
+
+    fn pop(&mut self) {
+        if let Some((_, buf)) = self.frames.pop_front() {
+            self.bytes -= buf.len();
+            self.free.push(buf);
+        }
+    }
+
+    fn clear(&mut self) {
+        while !self.frames.is_empty() {
+            self.pop();
+        }
+    }
 }
 
 impl RxSide {
@@ -66,6 +120,9 @@ impl RxSide {
             memory,
             acked_features: AtomicU64::new(0),
             pairs: (0..queue_pairs).map(|_| RwLock::new(None)).collect(),
+            backlogs: (0..queue_pairs)
+                .map(|_| Mutex::new(Backlog::new()))
+                .collect(),
         }
     }
 
@@ -89,6 +146,54 @@ impl RxSide {
     pub fn withdraw_vring(&self, pair: usize) {
         if let Some(slot) = self.pairs.get(pair) {
             *slot.write().unwrap_or_else(|p| p.into_inner()) = None;
+        }
+        if let Some(b) = self.backlogs.get(pair) {
+            b.lock().unwrap_or_else(|p| p.into_inner()).clear();
+        }
+    }
+
+    /// The guest added receive buffers on `pair` (an RX kick): deliver what
+    /// waits for them, and signal the guest if EVENT_IDX says so.
+    pub fn on_rx_kick(
+        &self,
+        pair: usize,
+        vring: &Vring,
+        counters: &PortCounters,
+        scratch: &mut RxScratch,
+    ) {
+        let Some(backlog) = self.backlogs.get(pair) else {
+            return;
+        };
+        let mut state = vring.get_mut();
+        if !state.is_enabled() || !state.get_queue().ready() {
+            return;
+        }
+        let mut backlog = backlog.lock().unwrap_or_else(|p| p.into_inner());
+        if backlog.frames.is_empty() {
+            return;
+        }
+        let memory = self.memory.memory();
+        let negotiated = self.negotiated();
+        let mut delivered = drain(
+            &mut state,
+            &memory,
+            &mut backlog,
+            negotiated,
+            scratch,
+            counters,
+        );
+        if !backlog.frames.is_empty() && rearm(&mut state, &memory) {
+            delivered |= drain(
+                &mut state,
+                &memory,
+                &mut backlog,
+                negotiated,
+                scratch,
+                counters,
+            );
+        }
+        if delivered && state.needs_notification().unwrap_or(true) {
+            let _ = state.signal_used_queue();
         }
     }
 
@@ -436,32 +541,114 @@ fn deliver_one(
             continue;
         }
         let memory = rx.memory.memory();
-        let result = chain::deliver_rx(
-            state.get_queue_mut(),
+        let mut backlog = rx.backlogs[pair].lock().unwrap_or_else(|p| p.into_inner());
+        let counters = &dst.counters;
+        // Frames already waiting go first.
+        let mut delivered = drain(
+            &mut state,
             &memory,
-            &header.to_bytes(),
-            negotiated.header_len,
-            frame,
-            negotiated.mrg_rxbuf,
+            &mut backlog,
+            negotiated,
             &mut out.rx,
+            counters,
         );
+        let mut wait = !backlog.frames.is_empty();
+        if !wait {
+            match chain::deliver_rx(
+                state.get_queue_mut(),
+                &memory,
+                &header.to_bytes(),
+                negotiated.header_len,
+                frame,
+                negotiated.mrg_rxbuf,
+                &mut out.rx,
+            ) {
+                Ok(_) => {
+                    add(&counters.rx_packets, 1);
+                    add(&counters.rx_bytes, frame.len() as u64);
+                    delivered = true;
+                }
+                Err(ChainError::NoRxBuffers) => wait = true,
+                Err(e) => {
+                    counters.chain_error(e);
+                    delivered = true;
+                    warn_limited!(DELIVERY_WARNINGS, eni = %dst.eni.id, error = %e, "receive chain refused");
+                }
+            }
+        }
+        if wait {
+            if backlog.push(header, frame) {
+                add(&counters.rx_backlogged, 1);
+            } else {
+                counters.chain_error(ChainError::NoRxBuffers);
+            }
+            // Ask for a kick when the guest adds buffers; if it already has,
+            // take them now.
+            if rearm(&mut state, &memory) {
+                delivered |= drain(
+                    &mut state,
+                    &memory,
+                    &mut backlog,
+                    negotiated,
+                    &mut out.rx,
+                    counters,
+                );
+            }
+        }
+        drop(backlog);
         drop(state);
-        match result {
-            Ok(_) => {
-                add(&dst.counters.rx_packets, 1);
-                add(&dst.counters.rx_bytes, frame.len() as u64);
-                out.mark(dst.id, pair, &vring);
-            }
-            Err(e @ ChainError::NoRxBuffers) => dst.counters.chain_error(e),
-            Err(e) => {
-                dst.counters.chain_error(e);
-                out.mark(dst.id, pair, &vring);
-                warn_limited!(DELIVERY_WARNINGS, eni = %dst.eni.id, error = %e, "receive chain refused");
-            }
+        if delivered {
+            out.mark(dst.id, pair, &vring);
         }
         return;
     }
     add(&dst.counters.rx_dropped_port_down, 1);
+}
+
+/// Delivers backlogged frames while the guest has buffers. Returns whether
+/// any used entry was added.
+fn drain(
+    state: &mut vhost_user_backend::VringState<GuestMemory>,
+    memory: &GuestMemoryMmap,
+    backlog: &mut Backlog,
+    negotiated: Negotiated,
+    scratch: &mut RxScratch,
+    counters: &PortCounters,
+) -> bool {
+    let mut delivered = false;
+    while let Some((header, frame)) = backlog.frames.front() {
+        match chain::deliver_rx(
+            state.get_queue_mut(),
+            memory,
+            &header.to_bytes(),
+            negotiated.header_len,
+            frame,
+            negotiated.mrg_rxbuf,
+            scratch,
+        ) {
+            Ok(_) => {
+                add(&counters.rx_packets, 1);
+                add(&counters.rx_bytes, frame.len() as u64);
+            }
+            Err(ChainError::NoRxBuffers) => break,
+            Err(e) => counters.chain_error(e),
+        }
+        delivered = true;
+        backlog.pop();
+    }
+    delivered
+}
+
+/// Has the guest kick when it adds receive buffers (EVENT_IDX: avail_event
+/// set to the next one). True if buffers arrived meanwhile.
+fn rearm(
+    state: &mut vhost_user_backend::VringState<GuestMemory>,
+    memory: &GuestMemoryMmap,
+) -> bool {
+    state
+        .get_queue_mut()
+        .enable_notification(memory)
+        .unwrap_or(false)
 }
 
 /// What a forwarding thread keeps between frames: receive scratch, the RX
@@ -476,6 +663,10 @@ pub struct Forwarder {
 }
 
 impl Forwarder {
+    pub fn rx_scratch(&mut self) -> &mut RxScratch {
+        &mut self.rx
+    }
+
     fn mark(&mut self, port: PortId, pair: usize, vring: &Vring) {
         if !self.dirty.iter().any(|d| d.0 == port && d.1 == pair) {
             self.dirty.push((port, pair, vring.clone()));
@@ -501,5 +692,34 @@ impl Forwarder {
         if let Some(u) = self.uplink.as_mut() {
             u.flush();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_backlog_is_bounded_in_frames_and_bytes_and_reuses_buffers() {
+        let mut b = Backlog::new();
+        let h = VnetHeader::plain();
+        for _ in 0..BACKLOG_FRAMES {
+            assert!(b.push(&h, &[1; 100]));
+        }
+        assert!(!b.push(&h, &[1; 100]), "frame limit");
+        b.clear();
+        assert_eq!((b.frames.len(), b.bytes), (0, 0));
+        let reused = b.free.len();
+        assert!(b.push(&h, &[2; 100]));
+        assert_eq!(b.free.len(), reused - 1, "a freed buffer was reused");
+        b.clear();
+        let big = vec![3u8; 65_000];
+        let fit = BACKLOG_BYTES / big.len();
+        for _ in 0..fit {
+            assert!(b.push(&h, &big));
+        }
+        assert!(!b.push(&h, &big), "byte limit");
+        b.pop();
+        assert!(b.push(&h, &big));
     }
 }

@@ -24,6 +24,8 @@ pub struct PortCounters {
     pub bw_in_allowance_exceeded: AtomicU64,
     /// Frames held back (out) or dropped (in) by the packets-per-second bucket.
     pub pps_allowance_exceeded: AtomicU64,
+    /// Frames held in the receive backlog because the guest had no buffer free.
+    pub rx_backlogged: AtomicU64,
     /// Frames for this port dropped because its guest is not connected.
     pub rx_dropped_port_down: AtomicU64,
     /// GSO frames segmented in software for this port (no GUEST_TSO).
@@ -64,6 +66,7 @@ impl PortCounters {
             "bw_in_allowance_exceeded": get(&self.bw_in_allowance_exceeded),
             "bw_out_allowance_exceeded": get(&self.bw_out_allowance_exceeded),
             "pps_allowance_exceeded": get(&self.pps_allowance_exceeded),
+            "rx_backlogged": get(&self.rx_backlogged),
             "rx_dropped_port_down": get(&self.rx_dropped_port_down),
             "rx_segmented": get(&self.rx_segmented),
             "rx_checksummed": get(&self.rx_checksummed),

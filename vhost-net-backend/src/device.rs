@@ -284,9 +284,13 @@ impl VhostUserBackend for PortDevice {
         let mut worker = self.worker(thread_id)?;
         self.rx.publish_vring(worker.pair, rx_vring);
         match device_event {
-            // RX kick: the guest added receive buffers. Frames are dropped,
-            // not queued, when it has none, so there is nothing to resume.
-            0 => {}
+            // RX kick: the guest added receive buffers; frames waiting for
+            // them go now.
+            0 => {
+                let pair = worker.pair;
+                self.rx
+                    .on_rx_kick(pair, rx_vring, &self.port.counters, worker.out.rx_scratch());
+            }
             1 => worker.transmit(&self.card, &self.port, &self.rx, &self.memory, tx_vring),
             e if e == timer_event(self.num_queues()) => {
                 worker.timer.clear();
@@ -695,24 +699,34 @@ mod tests {
     }
 
     #[test]
-    fn an_rx_queue_without_buffers_drops_and_counts() {
+    fn frames_wait_in_the_backlog_until_the_guest_adds_buffers() {
         let card = card("");
         let mut a = Guest::connect(&card, 0, features());
         let mut b = Guest::connect(&card, 1, features());
         b.post_rx(1, 2048);
         b.kick(0);
-        for _ in 0..3 {
-            a.send(
-                &VnetHeader::plain(),
-                &ping(MAC_A, [10, 0, 1, 10], [10, 0, 1, 11], 10),
-            );
+        let frames: Vec<Vec<u8>> = (0..3)
+            .map(|i| ping(MAC_A, [10, 0, 1, 10], [10, 0, 1, 11], 10 + i))
+            .collect();
+        for f in &frames {
+            a.send(&VnetHeader::plain(), f);
         }
         a.kick(1);
         assert_eq!(b.used(0).len(), 1);
         let c = &card.ports[1].counters;
+        assert_eq!(counter(&c.rx_backlogged), 2);
+        // The guest refills its ring and kicks: the two waiting frames land,
+        // in order.
+        b.post_rx(4, 2048);
+        b.kick(0);
+        assert_eq!(b.used(0).len(), 3);
+        for (n, f) in frames.iter().enumerate() {
+            assert_eq!(&b.received(n)[12..], &f[..], "frame {n}");
+        }
+        assert_eq!(counter(&c.rx_packets), 3);
         assert_eq!(
             counter(&c.chain_errors[crate::chain::ChainError::NoRxBuffers.index()]),
-            2
+            0
         );
     }
 
