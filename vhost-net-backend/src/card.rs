@@ -230,6 +230,9 @@ pub struct Card {
     /// The TAP uplink, when `[uplink]` is configured.
     pub uplink: Option<Arc<File>>,
     pub uplink_counters: Arc<UplinkCounters>,
+    /// Poll window of a TX queue after work (`--poll-us`); zero: interrupt
+    /// mode, every batch waits for a kick.
+    pub poll: Duration,
     epoch: Instant,
 }
 
@@ -274,6 +277,7 @@ impl Card {
             vxlan_counters: Arc::default(),
             uplink,
             uplink_counters: Arc::default(),
+            poll: Duration::ZERO,
             epoch,
         })
     }

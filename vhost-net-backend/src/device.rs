@@ -8,6 +8,7 @@
 
 use std::io;
 use std::os::unix::io::RawFd;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use card_firmware::timer::Timer;
@@ -42,6 +43,9 @@ pub struct PortDevice {
     memory: GuestMemory,
     workers: Vec<Mutex<PairWorker>>,
     config_space: [u8; features::CONFIG_LEN],
+    /// Set when the VMM stops a TX queue or goes away: a polling worker
+    /// returns to its event loop.
+    stopping: AtomicBool,
 }
 
 /// The event id of a pair's allowance timer, after the ids the vhost-user
@@ -74,6 +78,7 @@ impl PortDevice {
             memory,
             workers,
             config_space,
+            stopping: AtomicBool::new(false),
         })
     }
 
@@ -98,6 +103,10 @@ struct PairWorker {
 
 impl PairWorker {
     /// Takes the guest's TX queue until it is empty or the allowance stops it.
+    /// Takes the guest's TX queue until it is empty. With `rearm`, the
+    /// guest is then asked to kick for more (and what it added meanwhile is
+    /// taken); without, notifications stay off (poll mode). Returns whether
+    /// any chain was taken.
     fn transmit(
         &mut self,
         card: &Card,
@@ -105,16 +114,17 @@ impl PairWorker {
         rx: &RxSide,
         memory: &GuestMemory,
         tx: &Vring,
-    ) {
+        rearm: bool,
+    ) -> bool {
         if self.throttled {
-            return;
+            return false;
         }
         let negotiated = rx.negotiated();
         let header_len = negotiated.header_len;
         let memory = memory.memory();
         let mut state = tx.get_mut();
         if !state.get_queue().ready() || !state.is_enabled() {
-            return;
+            return false;
         }
         let mut returned = false;
         'batch: loop {
@@ -158,6 +168,9 @@ impl PairWorker {
                 returned = true;
                 self.switch_frame(card, port, header_len);
             }
+            if !rearm {
+                break;
+            }
             match state.get_queue_mut().enable_notification(&*memory) {
                 Ok(true) => {
                     // The guest moved avail.idx more than a queue ahead:
@@ -175,6 +188,30 @@ impl PairWorker {
         }
         drop(state);
         self.out.flush();
+        returned
+    }
+
+    /// A TX kick. In poll mode (`--poll-us`), the queue is then polled with
+    /// the guest's kicks off until it has been idle for the poll window (or
+    /// the VMM stops the queue), saving a kick per batch under load.
+    fn on_tx_kick(&mut self, d: &PortDevice, tx: &Vring) {
+        let poll = d.card.poll;
+        if poll.is_zero() {
+            self.transmit(&d.card, &d.port, &d.rx, &d.memory, tx, true);
+            return;
+        }
+        let mut idle_since = std::time::Instant::now();
+        self.transmit(&d.card, &d.port, &d.rx, &d.memory, tx, false);
+        while idle_since.elapsed() < poll && !self.throttled && !d.stopping.load(Ordering::Acquire)
+        {
+            if self.transmit(&d.card, &d.port, &d.rx, &d.memory, tx, false) {
+                idle_since = std::time::Instant::now();
+            } else {
+                std::hint::spin_loop();
+            }
+        }
+        // Kicks back on; take what raced with turning them on.
+        self.transmit(&d.card, &d.port, &d.rx, &d.memory, tx, true);
     }
 
     fn switch_frame(&mut self, card: &Card, port: &Port, header_len: usize) {
@@ -264,9 +301,14 @@ impl VhostUserBackend for PortDevice {
         // now; a TX queue is only ever taken by its own thread.
         if queue_index % 2 == 0 {
             self.rx.withdraw_vring(queue_index as usize / 2);
-        } else if let Ok(mut w) = self.worker(queue_index as usize / 2) {
-            w.throttled = false;
-            w.timer.clear();
+        } else {
+            // Before taking the worker: a polling worker holds it.
+            self.stopping.store(true, Ordering::Release);
+            if let Ok(mut w) = self.worker(queue_index as usize / 2) {
+                w.throttled = false;
+                w.timer.clear();
+            }
+            self.stopping.store(false, Ordering::Release);
         }
         Ok(())
     }
@@ -291,11 +333,18 @@ impl VhostUserBackend for PortDevice {
                 self.rx
                     .on_rx_kick(pair, rx_vring, &self.port.counters, worker.out.rx_scratch());
             }
-            1 => worker.transmit(&self.card, &self.port, &self.rx, &self.memory, tx_vring),
+            1 => worker.on_tx_kick(self, tx_vring),
             e if e == timer_event(self.num_queues()) => {
                 worker.timer.clear();
                 worker.throttled = false;
-                worker.transmit(&self.card, &self.port, &self.rx, &self.memory, tx_vring);
+                worker.transmit(
+                    &self.card,
+                    &self.port,
+                    &self.rx,
+                    &self.memory,
+                    tx_vring,
+                    true,
+                );
             }
             _ => return Err(io::Error::from_raw_os_error(libc::EINVAL)),
         }
@@ -314,6 +363,7 @@ impl CardBackend for PortDevice {
     }
 
     fn quiesce(&self) {
+        self.stopping.store(true, Ordering::Release);
         // The VMM is gone: nothing may write into its memory any more.
         self.port.withdraw();
         for pair in 0..self.workers.len() {
@@ -418,6 +468,8 @@ security_groups = ["sg-web"]
                 vring.set_queue_info(d, a, u).unwrap();
                 vring.set_queue_ready(true);
                 vring.set_enabled(true);
+                // As vhost-user-backend does on SET_FEATURES with EVENT_IDX.
+                vring.set_queue_event_idx(true);
                 (vring, (d, a, u))
             };
             let (rx, rx_layout) = ring(RX_RING);
@@ -513,6 +565,14 @@ security_groups = ["sg-web"]
                     )
                 })
                 .collect()
+        }
+
+        /// The avail_event the device published on queue `q` (EVENT_IDX).
+        pub(super) fn avail_event(&self, q: usize) -> u16 {
+            let (_, _, used) = self.rings(q);
+            self.mem()
+                .read_obj(GuestAddress(used + 4 + 8 * u64::from(QSIZE)))
+                .unwrap()
         }
 
         /// The bytes the device wrote into RX buffer number `n` (posted in order).
@@ -847,6 +907,41 @@ mod tests {
         a.kick(timer_event(2));
         assert_eq!(b.used(0).len(), 3);
         assert_eq!(a.used(1).len(), 3);
+    }
+
+    #[test]
+    fn poll_mode_takes_the_queue_then_turns_kicks_back_on() {
+        let mut c = Card::new(config(""), None, None).unwrap();
+        c.poll = Duration::from_millis(20);
+        let card = Arc::new(c);
+        let mut a = Guest::connect(&card, 0, features());
+        let mut b = Guest::connect(&card, 1, features());
+        b.post_rx(4, 2048);
+        b.kick(0);
+        for _ in 0..2 {
+            a.send(
+                &VnetHeader::plain(),
+                &ping(MAC_A, [10, 0, 1, 10], [10, 0, 1, 11], 10),
+            );
+        }
+        let start = Instant::now();
+        a.kick(1);
+        assert!(
+            start.elapsed() >= Duration::from_millis(20),
+            "polled the window"
+        );
+        assert_eq!(b.used(0).len(), 2);
+        // avail_event (after the used ring) asks for a kick at the next chain.
+        assert_eq!(a.avail_event(1), 2);
+        // The VMM stopping the queue ends a poll at once.
+        let mut c = Card::new(config(""), None, None).unwrap();
+        c.poll = Duration::from_secs(30);
+        let card = Arc::new(c);
+        let a = Guest::connect(&card, 0, features());
+        a.device.stopping.store(true, Ordering::Release);
+        let start = Instant::now();
+        a.kick(1);
+        assert!(start.elapsed() < Duration::from_secs(20));
     }
 
     #[test]

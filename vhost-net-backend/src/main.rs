@@ -40,6 +40,10 @@ struct Args {
     /// A control socket (0600): `{"metrics": {}}` and live changes.
     #[arg(long)]
     control: Option<PathBuf>,
+    /// Poll mode: after a TX batch, keep polling the queue (guest kicks off)
+    /// until it has been idle this many microseconds. 0: interrupt mode.
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u64).range(0..=1_000_000))]
+    poll_us: u64,
     /// Seed of every random choice the card makes.
     #[arg(long, default_value_t = 0)]
     seed: u64,
@@ -129,10 +133,10 @@ fn run(args: Args) -> Result<(), Failure> {
         )),
         None => None,
     };
-    let card = Arc::new(
-        Card::new(config, vxlan_socket.clone(), uplink.clone())
-            .map_err(|e| Failure::Config(anyhow::anyhow!(e)))?,
-    );
+    let mut card = Card::new(config, vxlan_socket.clone(), uplink.clone())
+        .map_err(|e| Failure::Config(anyhow::anyhow!(e)))?;
+    card.poll = Duration::from_micros(args.poll_us);
+    let card = Arc::new(card);
 
     if let Some(path) = &args.control {
         control::spawn(path, Arc::new(NetControl { card: card.clone() }))
