@@ -80,6 +80,19 @@ impl DmaRegion {
         if len == 0 || addr.checked_add(len).is_none() {
             return Err(std::io::Error::from_raw_os_error(libc::EINVAL));
         }
+        // Touching a shared mapping past the end of its file raises SIGBUS,
+        // which would kill the card: refuse a region the file cannot back.
+        // (QEMU seals its memfds against shrinking, so this holds later too.)
+        let meta = file.metadata()?;
+        if meta.is_file() && offset.checked_add(len).is_none_or(|end| end > meta.len()) {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!(
+                    "DMA region {addr:#x}+{len:#x} at file offset {offset:#x} is past the end of its {}-byte file",
+                    meta.len()
+                ),
+            ));
+        }
         let prot = libc::PROT_READ | if writable { libc::PROT_WRITE } else { 0 };
         let offset = libc::off_t::try_from(offset)
             .map_err(|_| std::io::Error::from_raw_os_error(libc::EINVAL))?;
@@ -268,6 +281,15 @@ mod tests {
             ro.write(0x20_0000, b"x"),
             Err(DmaError::ReadOnly { addr: 0x20_0000 })
         );
+    }
+
+    #[test]
+    fn a_region_past_the_end_of_its_file_is_refused() {
+        let file = tempfile::tempfile().unwrap();
+        file.set_len(8192).unwrap();
+        assert!(DmaRegion::map(&file, 4096, 0, 8192, true).is_err());
+        assert!(DmaRegion::map(&file, u64::MAX - 10, 0, 4096, true).is_err());
+        assert!(DmaRegion::map(&file, 4096, 0, 4096, true).is_ok());
     }
 
     #[test]
