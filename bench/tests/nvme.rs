@@ -387,6 +387,23 @@ fn every_io_command() {
     let ctrl = attach(&card);
     let ns = ctrl.identify_namespace(1).unwrap();
     let mut q = ctrl.create_io_queue(1, 32).unwrap();
+    // Completions arrive as MSI-X interrupts on the queue's eventfd.
+    assert!(!q.is_polled(), "queue 1 has an interrupt vector");
+    let cid = q
+        .submit(Command {
+            nsid: 1,
+            ..Command::new(io::FLUSH)
+        })
+        .unwrap();
+    assert!(
+        q.wait(TIMEOUT).unwrap(),
+        "the completion raised the interrupt"
+    );
+    let mut done = Vec::new();
+    q.reap(&mut done).unwrap();
+    assert_eq!(done.len(), 1);
+    assert_eq!(done[0].cid, cid);
+    assert!(done[0].status.is_success());
     let file = std::fs::File::open(&card.namespaces[0]).unwrap();
     let on_file = |off: u64, len: usize| {
         let mut v = vec![0u8; len];
@@ -905,6 +922,12 @@ fn several_queues_at_once() {
     let queues: Vec<IoQueue> = (1..=4)
         .map(|i| ctrl.create_io_queue(i, 32).unwrap())
         .collect();
+    assert_eq!(
+        ctrl.vectors(),
+        5,
+        "one MSI-X vector for admin and each queue"
+    );
+    assert!(queues.iter().all(|q| !q.is_polled()));
     let per_queue = ns.nsze / 4;
     std::thread::scope(|s| {
         for (i, mut q) in queues.into_iter().enumerate() {
