@@ -257,11 +257,19 @@ pub fn serve_forever(
     announce();
     loop {
         let mut device = NvmeDevice::new(ctrl.clone());
-        match server.run(&mut device) {
-            Ok(()) => tracing::info!("client disconnected; waiting for the next one"),
-            Err(e) => {
+        // The crate unwraps some of what the client sends (a version string
+        // without its NUL panics): a malformed message ends that connection,
+        // not the card.
+        let served =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| server.run(&mut device)));
+        match served {
+            Ok(Ok(())) => tracing::info!("client disconnected; waiting for the next one"),
+            Ok(Err(e)) => {
                 tracing::warn!(error = %e, "connection ended with an error; waiting for the next one")
             }
+            Err(_) => tracing::error!(
+                "malformed vfio-user message; connection dropped, waiting for the next one"
+            ),
         }
         ctrl.device_reset();
         ctrl.irqs.set(0, u32::MAX, Vec::new());
@@ -398,6 +406,38 @@ mod tests {
         let mut model = [0u8; 29];
         guest.read(data + 24, &mut model).unwrap();
         assert_eq!(&model, b"cardsim NVMe Instance Storage");
+
+        // A malformed message from another client ends only that connection
+        // (the crate panics on a version string without its NUL).
+        drop(client);
+        let mut bad = std::os::unix::net::UnixStream::connect(&socket).unwrap();
+        use std::io::{Read, Write};
+        let mut msg = Vec::new();
+        msg.extend_from_slice(&1u16.to_le_bytes()); // message id
+        msg.extend_from_slice(&1u16.to_le_bytes()); // VERSION
+        msg.extend_from_slice(&24u32.to_le_bytes()); // size
+        msg.extend_from_slice(&[0; 8]); // flags, error
+        msg.extend_from_slice(&[0, 0, 1, 0]); // major, minor
+        msg.extend_from_slice(b"{{{{"); // no NUL
+        bad.write_all(&msg).unwrap();
+        let _ = bad.read(&mut [0u8; 64]);
+        drop(bad);
+        let mut client = vfio_user::Client::new(&socket).unwrap();
+        assert_eq!(bar_read32(&mut client, reg::VS), 0x0001_0400);
+        client
+            .dma_map(0, GUEST, 1 << 20, memory.as_raw_fd())
+            .unwrap();
+        bar_write(&mut client, reg::AQA, &(7u32 | (7 << 16)).to_le_bytes());
+        bar_write(&mut client, reg::ASQ, &asq.to_le_bytes());
+        bar_write(&mut client, reg::ACQ, &acq.to_le_bytes());
+        bar_write(
+            &mut client,
+            reg::CC,
+            &(1u32 | (6 << 16) | (4 << 20)).to_le_bytes(),
+        );
+        wait("CSTS.RDY again", || {
+            bar_read32(&mut client, reg::CSTS) & 1 == 1
+        });
 
         // A device reset from the client resets the controller.
         client.reset().unwrap();
