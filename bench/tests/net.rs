@@ -36,6 +36,11 @@ fn compare_net_argument_errors_exit_2() {
     assert_usage_error(&["compare-net", "--mode", "rxonly"], "rxonly");
     assert_usage_error(&["compare-net", "--backend", "ovs"], "ovs");
     assert_usage_error(&["compare-net", "--no-such-flag"], "--no-such-flag");
+    assert_usage_error(&["compare-net", "--poll-us", "0"], "--poll-us 0");
+    assert_usage_error(
+        &["compare-net", "--poll-us", "2000000"],
+        "--poll-us 2000000",
+    );
 }
 
 #[test]

@@ -37,9 +37,12 @@ pub struct CompareNetArgs {
     /// Frame sizes in bytes, 64 to 1514 (default 64,1500).
     #[arg(long, value_delimiter = ',')]
     frame_size: Vec<u16>,
-    /// Backends to run (default both: the comparison).
+    /// Backends to run (default all three: the comparison).
     #[arg(long, value_enum, value_delimiter = ',')]
     backend: Vec<Backend>,
+    /// The card's --poll-us window for its poll-mode runs (1 to 1000000).
+    #[arg(long, default_value_t = 200)]
+    poll_us: u32,
     /// An extra flag for vhost-net-backend (repeat for more).
     #[arg(long, allow_hyphen_values = true)]
     card_arg: Vec<String>,
@@ -140,8 +143,9 @@ pub fn run_compare_net(a: CompareNetArgs, exe_dir: Option<PathBuf>) -> Result<()
         modes,
         frame_sizes,
         card_args: a.card_arg,
+        poll_us: a.poll_us,
         backends: if a.backend.is_empty() {
-            vec![Backend::Card, Backend::DpdkVhost]
+            vec![Backend::Card, Backend::CardPoll, Backend::DpdkVhost]
         } else {
             a.backend
         },
@@ -151,6 +155,12 @@ pub fn run_compare_net(a: CompareNetArgs, exe_dir: Option<PathBuf>) -> Result<()
     if cfg.rounds == 0 || cfg.runtime.is_zero() {
         return Err(Failure::Usage(anyhow!(
             "--rounds and --runtime must be more than zero"
+        )));
+    }
+    if !(1..=1_000_000).contains(&cfg.poll_us) {
+        return Err(Failure::Usage(anyhow!(
+            "--poll-us {}: must be 1 to 1000000",
+            cfg.poll_us
         )));
     }
     point_harness_at_binaries(&exe_dir);

@@ -71,6 +71,8 @@ pub struct NetCompareConfig {
     pub frame_sizes: Vec<u16>,
     /// Extra flags for the card.
     pub card_args: Vec<String>,
+    /// The card's `--poll-us` window for the poll-mode backend.
+    pub poll_us: u32,
     /// The backends to run (both for a comparison).
     pub backends: Vec<Backend>,
     pub results: PathBuf,
@@ -82,8 +84,12 @@ pub struct NetCompareConfig {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, clap::ValueEnum)]
 #[serde(rename_all = "kebab-case")]
 pub enum Backend {
-    /// vhost-net-backend.
+    /// vhost-net-backend as it starts by default: every TX batch starts with
+    /// the driver's kick (interrupt mode).
     Card,
+    /// vhost-net-backend with `--poll-us`: after a batch the TX queue is
+    /// polled with kicks off until idle for the window (poll mode).
+    CardPoll,
     /// DPDK's net_vhost PMD in testpmd.
     DpdkVhost,
 }
@@ -91,7 +97,8 @@ pub enum Backend {
 impl Backend {
     pub fn label(self) -> &'static str {
         match self {
-            Backend::Card => "vhost-net-backend",
+            Backend::Card => "vhost-net-backend (interrupt)",
+            Backend::CardPoll => "vhost-net-backend (poll)",
             Backend::DpdkVhost => "DPDK net_vhost",
         }
     }
@@ -113,11 +120,15 @@ pub struct NetCell {
     pub mode: Mode,
     pub frame_size: u16,
     pub card: Vec<Sample>,
+    pub card_poll: Vec<Sample>,
     pub dpdk: Vec<Sample>,
     pub median_card_mpps: f64,
+    pub median_card_poll_mpps: f64,
     pub median_dpdk_mpps: f64,
-    /// median(card) / median(DPDK vhost).
+    /// median(card, interrupt mode) / median(DPDK vhost).
     pub ratio: f64,
+    /// median(card, poll mode) / median(DPDK vhost).
+    pub ratio_poll: f64,
 }
 
 impl NetCell {
@@ -127,12 +138,17 @@ impl NetCell {
 
     fn summarize(&mut self) {
         self.median_card_mpps = median(self.card.iter().map(|s| s.mpps));
+        self.median_card_poll_mpps = median(self.card_poll.iter().map(|s| s.mpps));
         self.median_dpdk_mpps = median(self.dpdk.iter().map(|s| s.mpps));
-        self.ratio = if self.median_dpdk_mpps > 0.0 {
-            self.median_card_mpps / self.median_dpdk_mpps
-        } else {
-            0.0
+        let over_dpdk = |x: f64| {
+            if self.median_dpdk_mpps > 0.0 {
+                x / self.median_dpdk_mpps
+            } else {
+                0.0
+            }
         };
+        self.ratio = over_dpdk(self.median_card_mpps);
+        self.ratio_poll = over_dpdk(self.median_card_poll_mpps);
     }
 }
 
@@ -149,6 +165,7 @@ pub struct NetResults {
     /// The CPU the card is pinned to.
     pub card_cpu: usize,
     pub card_args: Vec<String>,
+    pub poll_us: u32,
     pub cells: Vec<NetCell>,
 }
 
@@ -178,19 +195,22 @@ pub fn run(cfg: &NetCompareConfig) -> Result<NetResults, NetError> {
                 mode,
                 frame_size,
                 card: Vec::new(),
+                card_poll: Vec::new(),
                 dpdk: Vec::new(),
                 median_card_mpps: 0.0,
+                median_card_poll_mpps: 0.0,
                 median_dpdk_mpps: 0.0,
                 ratio: 0.0,
+                ratio_poll: 0.0,
             });
         }
     }
     for round in 0..cfg.rounds {
         for cell in &mut cells {
             let order = if round % 2 == 0 {
-                [Backend::Card, Backend::DpdkVhost]
+                [Backend::Card, Backend::CardPoll, Backend::DpdkVhost]
             } else {
-                [Backend::DpdkVhost, Backend::Card]
+                [Backend::DpdkVhost, Backend::CardPoll, Backend::Card]
             };
             for backend in order.into_iter().filter(|b| cfg.backends.contains(b)) {
                 let traffic = Traffic {
@@ -217,6 +237,7 @@ pub fn run(cfg: &NetCompareConfig) -> Result<NetResults, NetError> {
                 );
                 match backend {
                     Backend::Card => cell.card.push(sample),
+                    Backend::CardPoll => cell.card_poll.push(sample),
                     Backend::DpdkVhost => cell.dpdk.push(sample),
                 }
             }
@@ -241,6 +262,7 @@ pub fn run(cfg: &NetCompareConfig) -> Result<NetResults, NetError> {
         dpdk_peer,
         card_cpu: backend_cpu,
         card_args: cfg.card_args.clone(),
+        poll_us: cfg.poll_us,
         cells,
     })
 }
@@ -274,8 +296,12 @@ fn start_backend(
     cpu: usize,
 ) -> Result<Running, NetError> {
     match backend {
-        Backend::Card => {
-            let args: Vec<&str> = cfg.card_args.iter().map(String::as_str).collect();
+        Backend::Card | Backend::CardPoll => {
+            let poll = format!("--poll-us={}", cfg.poll_us);
+            let mut args: Vec<&str> = cfg.card_args.iter().map(String::as_str).collect();
+            if backend == Backend::CardPoll {
+                args.push(&poll);
+            }
             let card = cardsim_tests::net_card::NetCard::start(&card_config(), &args)
                 .map_err(NetError::Harness)?;
             pin_process(card.process.id(), cpu)?;
@@ -404,9 +430,13 @@ fn measured_frames(mode: Mode, before: &[PortStats], after: &[PortStats]) -> u64
 /// The results as a text table.
 pub fn table(r: &NetResults) -> String {
     let mut out = format!(
-        "{:<16} {:>14} {:>14} {:>8} {:>10} {:>10}\n",
-        "workload", "card Mpps", "DPDK Mpps", "ratio", "card CPUs", "DPDK CPUs"
+        "{:<14} {:>9} {:>9} {:>9} {:>6} {:>6} {:>6} {:>6} {:>6}\n",
+        "workload", "card", "card poll", "DPDK", "ratio", "ratio", "CPUs", "CPUs", "CPUs"
     );
+    out.push_str(&format!(
+        "{:<14} {:>9} {:>9} {:>9} {:>6} {:>6} {:>6} {:>6} {:>6}\n",
+        "", "Mpps", "Mpps", "Mpps", "card", "poll", "card", "poll", "DPDK"
+    ));
     for c in &r.cells {
         let cpus = |v: &[Sample]| {
             let x: Vec<f64> = v.iter().filter_map(|s| s.backend_cpus).collect();
@@ -417,18 +447,21 @@ pub fn table(r: &NetResults) -> String {
             }
         };
         out.push_str(&format!(
-            "{:<16} {:>14.3} {:>14.3} {:>8.2} {:>10} {:>10}\n",
+            "{:<14} {:>9.3} {:>9.3} {:>9.3} {:>6.2} {:>6.2} {:>6} {:>6} {:>6}\n",
             c.label(),
             c.median_card_mpps,
+            c.median_card_poll_mpps,
             c.median_dpdk_mpps,
             c.ratio,
+            c.ratio_poll,
             cpus(&c.card),
+            cpus(&c.card_poll),
             cpus(&c.dpdk)
         ));
     }
     out.push_str(&format!(
-        "medians of {} rounds, {:.1} s each after {:.1} s warm-up; generator lcores {:?}, DPDK peer {:?}, card on CPU {}\n",
-        r.rounds, r.runtime_s, r.ramp_s, r.generator, r.dpdk_peer, r.card_cpu
+        "medians of {} rounds, {:.1} s each after {:.1} s warm-up; card poll mode --poll-us={}; generator lcores {:?}, DPDK peer {:?}, card on CPU {}\n",
+        r.rounds, r.runtime_s, r.ramp_s, r.poll_us, r.generator, r.dpdk_peer, r.card_cpu
     ));
     out
 }
@@ -498,17 +531,24 @@ mod tests {
                     ..Default::default()
                 },
             ],
+            card_poll: vec![Sample {
+                mpps: 3.0,
+                ..Default::default()
+            }],
             dpdk: vec![Sample {
                 mpps: 4.0,
                 ..Default::default()
             }],
             median_card_mpps: 0.0,
+            median_card_poll_mpps: 0.0,
             median_dpdk_mpps: 0.0,
             ratio: 0.0,
+            ratio_poll: 0.0,
         };
         c.summarize();
         assert_eq!(c.median_card_mpps, 2.0);
         assert_eq!(c.ratio, 0.5);
+        assert_eq!(c.ratio_poll, 0.75);
         assert!(card_config().contains("$DIR/eni-a.sock"));
     }
 }
