@@ -404,7 +404,7 @@ impl Controller {
         let len = numd * 4;
         let offset = u64::from(cmd.cdw(12)) | (u64::from(cmd.cdw(13)) << 32);
         let page = match lid {
-            log::ERROR_INFORMATION => vec![0u8; 64 * ERROR_LOG_ENTRIES],
+            log::ERROR_INFORMATION => self.error_log().0,
             log::SMART_HEALTH => {
                 if cmd.nsid() != 0 && cmd.nsid() != 0xffff_ffff {
                     // LPA bit 0 is clear: no per-namespace SMART data.
@@ -449,7 +449,7 @@ impl Controller {
         put(&mut p, 64, c.read_commands.load(Ordering::Relaxed));
         put(&mut p, 80, c.write_commands.load(Ordering::Relaxed));
         put(&mut p, 112, 1); // power cycles
-        put(&mut p, 176, c.io_errors.load(Ordering::Relaxed));
+        put(&mut p, 176, self.error_log().1);
         p
     }
 

@@ -314,6 +314,8 @@ pub struct Controller {
     pub(crate) cqs: RwLock<Vec<Option<Arc<CompletionQueue>>>>,
     pub features: Features,
     pub counters: Counters,
+    /// The error information log: a running count and the newest entries.
+    error_log: Mutex<(u64, VecDeque<[u8; 64]>)>,
 }
 
 /// CSTS bits.
@@ -353,6 +355,7 @@ impl Controller {
             admin: Mutex::new(AdminState::default()),
             cqs: RwLock::new((0..queues).map(|_| None).collect()),
             counters: Counters::default(),
+            error_log: Mutex::new((0, VecDeque::new())),
             config,
         };
         ctrl.features.reset(ctrl.config.io_queues);
@@ -720,6 +723,7 @@ impl Controller {
             if let Some((status, dw0)) = self.admin_command(st, &mem, &cmd) {
                 if !status.is_success() {
                     self.counters.admin_errors.fetch_add(1, Ordering::Relaxed);
+                    self.log_error(0, cmd.cid(), status);
                     tracing::debug!(opcode = cmd.opcode(), cdw10 = cmd.cdw(10), %status, "admin command failed");
                 }
                 st.pending.push_back(Completion {
@@ -770,6 +774,32 @@ impl Controller {
         let mem = self.dma();
         self.flush_admin_completions(&mut st, &mem);
         true
+    }
+
+    /// Records a failed command in the error information log.
+    pub(crate) fn log_error(&self, sqid: u16, cid: u16, status: Status) {
+        let mut log = lock(&self.error_log);
+        log.0 += 1;
+        let mut e = [0u8; 64];
+        e[0..8].copy_from_slice(&log.0.to_le_bytes());
+        e[8..10].copy_from_slice(&sqid.to_le_bytes());
+        e[10..12].copy_from_slice(&cid.to_le_bytes());
+        e[12..14].copy_from_slice(&(status.field() << 1).to_le_bytes());
+        // Parameter error location: not recorded.
+        e[14..16].copy_from_slice(&0xffffu16.to_le_bytes());
+        log.1.push_front(e);
+        log.1.truncate(crate::spec::ERROR_LOG_ENTRIES);
+    }
+
+    /// The error information log page (newest first) and the count of
+    /// errors since the card started.
+    pub fn error_log(&self) -> (Vec<u8>, u64) {
+        let log = lock(&self.error_log);
+        let mut page = vec![0u8; 64 * crate::spec::ERROR_LOG_ENTRIES];
+        for (i, e) in log.1.iter().enumerate() {
+            page[i * 64..i * 64 + 64].copy_from_slice(e);
+        }
+        (page, log.0)
     }
 
     /// A completion queue by id.

@@ -307,9 +307,6 @@ impl IoWorker {
             fetched += 1;
             let cmd = Command::from_bytes(&raw);
             if let Err(status) = self.start(mem, &cmd) {
-                if !status.is_success() {
-                    self.ctrl.counters.io_errors.fetch_add(1, Ordering::Relaxed);
-                }
                 self.finish(cmd.cid(), status);
             }
         }
@@ -317,6 +314,10 @@ impl IoWorker {
     }
 
     fn finish(&mut self, cid: u16, status: Status) {
+        if !status.is_success() {
+            self.ctrl.counters.io_errors.fetch_add(1, Ordering::Relaxed);
+            self.ctrl.log_error(self.q.qid, cid, status);
+        }
         self.pending.push(Completion {
             dw0: 0,
             sq_head: self.head as u16,
@@ -609,9 +610,6 @@ impl IoWorker {
     }
 
     fn complete(&mut self, cid: u16, status: Status) {
-        if !status.is_success() {
-            self.ctrl.counters.io_errors.fetch_add(1, Ordering::Relaxed);
-        }
         self.finish(cid, status);
     }
 
