@@ -1103,3 +1103,49 @@ fn cardbench_nvme_usage_errors() {
         assert!(err.contains(needle), "{args:?}: {err}");
     }
 }
+
+#[test]
+fn wrong_or_silent_peers_are_errors_not_hangs() {
+    let dir = scratch();
+    // A socket that accepts and never answers.
+    let silent = dir.path().join("silent.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&silent).unwrap();
+    let held = std::thread::spawn(move || listener.accept().map(|(s, _)| s));
+    let mut cfg = DriverConfig::new(&silent);
+    cfg.timeout = Duration::from_millis(500);
+    let t = Instant::now();
+    let e = Controller::attach(cfg).err().expect("no controller there");
+    assert!(matches!(e, DriverError::NoHandshake { .. }), "{e}");
+    assert!(t.elapsed() < Duration::from_secs(10), "gave up in time");
+    drop(held.join());
+
+    // A socket that hangs up straight away.
+    let rude = dir.path().join("rude.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&rude).unwrap();
+    let closer = std::thread::spawn(move || drop(listener.accept()));
+    let e = Controller::attach(DriverConfig::new(&rude))
+        .err()
+        .expect("no controller there");
+    assert!(matches!(e, DriverError::Connect { .. }), "{e}");
+    closer.join().unwrap();
+
+    // cardbench says so and exits 2.
+    let listener = std::os::unix::net::UnixListener::bind(dir.path().join("quiet.sock")).unwrap();
+    let _held = std::thread::spawn(move || listener.accept().map(|(s, _)| s));
+    let socket = dir.path().join("quiet.sock");
+    let out = cardbench(&[
+        "nvme",
+        "--socket",
+        socket.to_str().unwrap(),
+        "--rw",
+        "read",
+        "--timeout",
+        "0.5",
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("vfio-user server"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

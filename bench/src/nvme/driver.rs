@@ -43,6 +43,8 @@ pub enum DriverError {
         path: PathBuf,
         source: vfio_user::Error,
     },
+    #[error("{}: no answer to the vfio-user handshake within {waited:?}; is it a vfio-user server?", path.display())]
+    NoHandshake { path: PathBuf, waited: Duration },
     #[error("vfio-user {what}: {source}")]
     Transport {
         what: &'static str,
@@ -755,12 +757,7 @@ impl Controller {
     /// presents it (disabled), for tests that look at reset values.
     pub fn connect(config: DriverConfig) -> Result<Self> {
         let path = config.socket.clone();
-        let client = Client::new(&path).map_err(|source| DriverError::Connect {
-            path: path.clone(),
-            source,
-        })?;
-        set_socket_timeouts(&path, config.timeout);
-        let mut client = client;
+        let mut client = handshake(&path, config.timeout)?;
         let bar = client
             .region(BAR0_REGION)
             .ok_or_else(|| DriverError::NotNvme("the device has no BAR0".into()))?;
@@ -1304,18 +1301,55 @@ fn map_doorbells(bar: &vfio_user::Region) -> Option<MappedDoorbells> {
     })
 }
 
-/// The vfio-user crate's client blocks for ever on a silent server and
-/// hides its socket; find our end by its peer address and bound each
-/// read and write, so a hung card is an error rather than a hang.
-fn set_socket_timeouts(path: &Path, timeout: Duration) {
+/// Connects and runs the crate's handshake (version, device and region
+/// info) on a helper thread: the crate has no timeouts, and a peer that
+/// accepts but never answers would block `Client::new` for ever. On timeout
+/// the socket is shut down, which ends the blocked read.
+fn handshake(path: &Path, timeout: Duration) -> Result<Client> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let p = path.to_owned();
+    let worker = std::thread::Builder::new()
+        .name("vfio-user-connect".into())
+        .spawn(move || {
+            let _ = tx.send(Client::new(&p));
+        })
+        .map_err(|e| DriverError::Invalid(format!("cannot start a thread: {e}")))?;
+    let connect_err = |source| DriverError::Connect {
+        path: path.to_owned(),
+        source,
+    };
+    match rx.recv_timeout(timeout) {
+        Ok(r) => {
+            let _ = worker.join();
+            let client = r.map_err(connect_err)?;
+            for fd in sockets_connected_to(path) {
+                set_socket_timeouts(fd, timeout);
+            }
+            Ok(client)
+        }
+        Err(_) => {
+            for fd in sockets_connected_to(path) {
+                // SAFETY: shutting down a socket of ours; the fd stays open
+                // until the crate drops its stream.
+                unsafe { libc::shutdown(fd, libc::SHUT_RDWR) };
+            }
+            // The thread's read now fails; let it finish before returning.
+            let _ = rx.recv_timeout(Duration::from_secs(1));
+            Err(DriverError::NoHandshake {
+                path: path.to_owned(),
+                waited: timeout,
+            })
+        }
+    }
+}
+
+/// Our sockets whose peer is bound at `path` (the crate hides its stream).
+fn sockets_connected_to(path: &Path) -> Vec<i32> {
     let Ok(dir) = std::fs::read_dir("/proc/self/fd") else {
-        return;
+        return vec![];
     };
     let want = path.as_os_str().as_encoded_bytes();
-    let tv = libc::timeval {
-        tv_sec: timeout.as_secs() as libc::time_t,
-        tv_usec: timeout.subsec_micros() as libc::suseconds_t,
-    };
+    let mut fds = Vec::new();
     for entry in dir.flatten() {
         let Some(fd) = entry
             .file_name()
@@ -1338,20 +1372,30 @@ fn set_socket_timeouts(path: &Path, timeout: Duration) {
             .take_while(|&&c| c != 0)
             .map(|&c| c as u8)
             .collect();
-        if name != want {
-            continue;
+        if name == want {
+            fds.push(fd);
         }
-        for opt in [libc::SO_RCVTIMEO, libc::SO_SNDTIMEO] {
-            // SAFETY: a valid timeval for a socket option.
-            unsafe {
-                libc::setsockopt(
-                    fd,
-                    libc::SOL_SOCKET,
-                    opt,
-                    (&raw const tv).cast(),
-                    std::mem::size_of::<libc::timeval>() as libc::socklen_t,
-                )
-            };
-        }
+    }
+    fds
+}
+
+/// Bounds each read and write on the socket, so a card that stops
+/// answering is an error rather than a hang.
+fn set_socket_timeouts(fd: i32, timeout: Duration) {
+    let tv = libc::timeval {
+        tv_sec: timeout.as_secs() as libc::time_t,
+        tv_usec: timeout.subsec_micros() as libc::suseconds_t,
+    };
+    for opt in [libc::SO_RCVTIMEO, libc::SO_SNDTIMEO] {
+        // SAFETY: a valid timeval for a socket option.
+        unsafe {
+            libc::setsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                opt,
+                (&raw const tv).cast(),
+                std::mem::size_of::<libc::timeval>() as libc::socklen_t,
+            )
+        };
     }
 }

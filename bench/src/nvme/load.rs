@@ -59,6 +59,7 @@ impl LoadError {
             self,
             Self::Usage(_)
                 | Self::Driver(DriverError::Connect { .. })
+                | Self::Driver(DriverError::NoHandshake { .. })
                 | Self::Driver(DriverError::NotNvme(_))
                 | Self::Driver(DriverError::Invalid(_))
         )
