@@ -1149,3 +1149,60 @@ fn wrong_or_silent_peers_are_errors_not_hangs() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+#[test]
+fn compare_nvme_quick_runs() {
+    if Process::new("fio").arg("--version").output().is_err() {
+        eprintln!("skipped: fio not installed");
+        return;
+    }
+    let dir = scratch();
+    let results = dir.path().join("results");
+    let out = Process::new(env!("CARGO_BIN_EXE_cardbench"))
+        .args([
+            "compare-nvme",
+            "--quick",
+            "--runtime",
+            "300ms",
+            "--only",
+            "randread QD32",
+            "--file-size",
+            "32M",
+            "--results",
+        ])
+        .arg(&results)
+        .env("CARDSIM_BIN_DIR", bin_dir())
+        .env("RUST_LOG", "warn")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(table.contains("4k randread QD32 1q"), "{table}");
+    assert!(table.contains("4k randread QD32 2q"), "{table}");
+    let v: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(results.join("results.json")).unwrap()).unwrap();
+    let cells = v["cells"].as_array().unwrap();
+    assert_eq!(cells.len(), 2);
+    for c in cells {
+        for s in ["median_ours", "median_raw"] {
+            assert!(c[s]["iops"].as_f64().unwrap() > 0.0, "{c}");
+        }
+        assert!(c["ours_over_raw_iops"].as_f64().unwrap() > 0.0);
+        assert!(
+            c["median_ours"]["cpu_us_per_io"].as_f64().is_some(),
+            "card CPU sampled"
+        );
+    }
+    // An unknown workload name is a usage error.
+    let out = Process::new(env!("CARGO_BIN_EXE_cardbench"))
+        .args(["compare-nvme", "--quick", "--only", "sideways"])
+        .env("CARDSIM_BIN_DIR", bin_dir())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no workload matches"));
+}
