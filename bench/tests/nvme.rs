@@ -512,9 +512,24 @@ fn every_error_status() {
     assert!(c.status.dnr, "do not retry");
     let mut cmd = Command::new(0x7e);
     cmd.nsid = 1;
+    let bad = io_cmd(&mut q, cmd);
+    assert_eq!(status_of(&bad), generic(status::INVALID_OPCODE));
+    // The Error Information log's newest entry names that command.
+    let log = Command {
+        nsid: 0xffff_ffff,
+        cdw10: 1 | 15 << 16,
+        ..Command::new(admin::GET_LOG_PAGE)
+    };
+    let (c, page) = ctrl.admin_data(log, 64, None).unwrap();
+    check(c, || "Get Log Page (error information)".into()).unwrap();
+    let le16 = |o: usize| u16::from_le_bytes([page[o], page[o + 1]]);
+    assert_ne!(page[0..8], [0u8; 8], "error count");
+    assert_eq!(le16(8), 1, "SQ id");
+    assert_eq!(le16(10), bad.cid, "command id");
     assert_eq!(
-        status_of(&io_cmd(&mut q, cmd)),
-        generic(status::INVALID_OPCODE)
+        (le16(12) >> 1) & 0x7ff,
+        u16::from(status::INVALID_OPCODE),
+        "status field"
     );
 
     // Invalid fields: an unknown Identify CNS, an unknown feature, a
