@@ -66,9 +66,13 @@ fn nvme_card_serves_a_linux_guest() -> Result<()> {
     file.sync_all()?;
     drop(file);
     let metrics = dir.path().join("metrics.json");
+    // A second namespace with 4 KiB blocks, grown by the card to 16 MiB.
+    let ns2 = dir.path().join("ns2.img");
+    fs::File::create(&ns2)?;
+    let ns2_arg = format!("{},size=16M,lba=4096", ns2.display());
     let card = NvmeCard::start(
         dir.path(),
-        &[ns.to_str().context("path")?],
+        &[ns.to_str().context("path")?, &ns2_arg],
         &[
             "--serial",
             SERIAL,
@@ -93,6 +97,8 @@ fn nvme_card_serves_a_linux_guest() -> Result<()> {
         r#"
 wait_dev /dev/nvme0n1 30
 echo "nvme0n1: $(cat /sys/block/nvme0n1/size) sectors, $(ls /sys/block/nvme0n1/mq | wc -l) queues"
+wait_dev /dev/nvme0n2 30
+echo "nvme0n2: $(cat /sys/block/nvme0n2/size) sectors of 512, $(cat /sys/block/nvme0n2/queue/logical_block_size)-byte blocks"
 echo "serial=[$(cat /sys/class/nvme/nvme0/serial)] model=[$(cat /sys/class/nvme/nvme0/model)]"
 # One fio job per vCPU, so both I/O queues carry verified I/O.
 fio --name=verify --filename=/dev/nvme0n1 --rw=randwrite --bs=4k --iodepth=16 --ioengine=libaio \
@@ -158,6 +164,12 @@ echo CARDSIM-STEP-RESET-VERIFIED
             NAMESPACE_SIZE / 512
         )),
         "unexpected namespace:\n{}",
+        out.console
+    );
+    ensure!(
+        out.console
+            .contains("nvme0n2: 32768 sectors of 512, 4096-byte blocks"),
+        "unexpected second namespace:\n{}",
         out.console
     );
     ensure!(
