@@ -1221,3 +1221,44 @@ fn compare_nvme_quick_runs() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("no workload matches"));
 }
+
+/// Plays a misbehaving controller by writing a completion entry straight
+/// into the queue's completion ring, as a controller's DMA would.
+fn forge_completion(ctrl: &Controller, q: &IoQueue, slot: u64, sqid: u16, sq_head: u16, cid: u16) {
+    let (_, cq) = q.ring_addresses();
+    let mut e = [0u8; 16];
+    e[8..12].copy_from_slice(&(u32::from(sqid) << 16 | u32::from(sq_head)).to_le_bytes());
+    e[12..16].copy_from_slice(&(u32::from(cid) | 1 << 16).to_le_bytes());
+    ctrl.memory().guest().write(cq - IOVA_BASE + 16 * slot, &e);
+}
+
+#[test]
+fn bogus_completions_are_protocol_errors() {
+    let card = start(CardSpec::default());
+    let ctrl = attach(&card);
+    let protocol = |r: Result<usize, DriverError>, what: &str| match r {
+        Err(DriverError::Protocol(m)) => assert!(m.contains(what), "{m}"),
+        other => panic!("expected a protocol error about {what}, got {other:?}"),
+    };
+    let mut done = Vec::new();
+    // A command id nobody submitted.
+    let mut q = ctrl.create_io_queue(1, 8).unwrap();
+    forge_completion(&ctrl, &q, 0, 1, 0, 5);
+    protocol(q.reap(&mut done), "not in flight");
+    // A completion naming another queue.
+    let mut q = ctrl.create_io_queue(2, 8).unwrap();
+    forge_completion(&ctrl, &q, 0, 7, 0, 0);
+    protocol(q.reap(&mut done), "names SQ 7");
+    // An SQ head past everything submitted (the command is queued but the
+    // doorbell not rung, so the real controller stays out of it).
+    let mut q = ctrl.create_io_queue(3, 8).unwrap();
+    let cid = q.push(Command::new(io::FLUSH)).unwrap();
+    forge_completion(&ctrl, &q, 0, 3, 5, cid);
+    protocol(q.reap(&mut done), "SQ head");
+    assert!(done.is_empty());
+    // The controller itself is unharmed: queue 4 works.
+    let ns = ctrl.identify_namespace(1).unwrap();
+    let mut q = ctrl.create_io_queue(4, 8).unwrap();
+    let b = buf(&ctrl, 4096);
+    q.read(&ns, 0, 8, &b).unwrap();
+}

@@ -492,6 +492,12 @@ impl IoQueue {
         self.qp.cids.in_flight()
     }
 
+    /// Where the submission and completion rings live (IOVAs), for
+    /// diagnostics and for tests that play a misbehaving controller.
+    pub fn ring_addresses(&self) -> (u64, u64) {
+        (self.qp.sq_mem.iova(), self.qp.cq_mem.iova())
+    }
+
     pub fn is_polled(&self) -> bool {
         self.qp.vector.is_none()
     }
