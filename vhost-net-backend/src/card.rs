@@ -471,15 +471,19 @@ impl Card {
         if !takes_gso {
             add(&dst.counters.rx_segmented, 1);
             let mtu = dst.eni.mtu;
-            let _ = vpc::offload::segment(header, frame, mtu, &mut |segment: &[u8]| {
+            let segmented = vpc::offload::segment(header, frame, mtu, &mut |segment: &[u8]| {
                 deliver_one(dst, &rx, negotiated, &VnetHeader::plain(), segment, out);
             });
+            if segmented.is_err() {
+                add(&dst.counters.rx_offload_errors, 1);
+            }
             return;
         }
         let mut header = *header;
         if header.needs_csum() && !negotiated.guest_csum {
             add(&dst.counters.rx_checksummed, 1);
             if vpc::offload::complete_checksum(&header, frame).is_err() {
+                add(&dst.counters.rx_offload_errors, 1);
                 return;
             }
             header.flags &= !vpc::vnet::F_NEEDS_CSUM;

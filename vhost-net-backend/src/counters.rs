@@ -32,6 +32,9 @@ pub struct PortCounters {
     pub rx_segmented: AtomicU64,
     /// Partial checksums completed in software for this port (no GUEST_CSUM).
     pub rx_checksummed: AtomicU64,
+    /// Frames for this port dropped because software segmentation or
+    /// checksum completion found their headers inconsistent.
+    pub rx_offload_errors: AtomicU64,
     /// Descriptor chains refused, by reason.
     pub chain_errors: [AtomicU64; ChainError::ALL.len()],
 }
@@ -70,6 +73,7 @@ impl PortCounters {
             "rx_dropped_port_down": get(&self.rx_dropped_port_down),
             "rx_segmented": get(&self.rx_segmented),
             "rx_checksummed": get(&self.rx_checksummed),
+            "rx_offload_errors": get(&self.rx_offload_errors),
             "chain_errors": chains,
         })
     }
