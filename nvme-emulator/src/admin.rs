@@ -164,7 +164,8 @@ impl Controller {
         d[77] = MDTS;
         d[78..80].copy_from_slice(&1u16.to_le_bytes()); // CNTLID
         d[80..84].copy_from_slice(&VERSION_1_4.to_le_bytes());
-        // OACS: Doorbell Buffer Config (bit 8).
+        d[111] = 1; // CNTRLTYPE: I/O controller
+                    // OACS: Doorbell Buffer Config (bit 8).
         d[256..258].copy_from_slice(&(1u16 << 8).to_le_bytes());
         d[258] = 3; // ACL: 4 aborts
         d[259] = (AER_LIMIT - 1) as u8; // AERL

@@ -22,8 +22,9 @@ use hw_model::ebs::IoDirection;
 use io_uring::squeue;
 
 use crate::controller::{CompletionQueue, Controller, PostError, IDLE_RECHECK};
-use crate::datapath::{copy_from_guest, data_segments, iovecs, Segment};
+use crate::datapath::{copy_from_guest, copy_to_guest, data_segments, iovecs, Segment};
 use crate::dma::{DmaMemory, DmaSpace};
+use crate::namespace::DIRECT_ALIGN;
 use crate::spec::{io, Command, Completion, Status, MAX_TRANSFER, SQE_SIZE};
 
 static BAD_TAIL: WarnLimiter = WarnLimiter::new(5_000);
@@ -47,17 +48,80 @@ pub struct IoQueue {
     pub cq: Arc<CompletionQueue>,
 }
 
+/// A page-aligned buffer: O_DIRECT needs aligned memory, which a guest's
+/// buffers need not be (Linux's nvme driver only asks for dword alignment).
+#[derive(Debug)]
+pub struct AlignedBuf {
+    ptr: std::ptr::NonNull<u8>,
+    len: usize,
+}
+
+// SAFETY: plain heap memory owned by the buffer.
+unsafe impl Send for AlignedBuf {}
+
+impl AlignedBuf {
+    const ALIGN: usize = 4096;
+
+    pub fn new(len: usize) -> Option<Self> {
+        let layout = std::alloc::Layout::from_size_align(len.max(1), Self::ALIGN).ok()?;
+        // SAFETY: the layout has a non-zero size.
+        let ptr = std::ptr::NonNull::new(unsafe { std::alloc::alloc_zeroed(layout) })?;
+        Some(Self { ptr, len })
+    }
+
+    pub fn as_slice(&self) -> &[u8] {
+        // SAFETY: `len` initialised bytes owned by this buffer.
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
+    }
+
+    pub fn as_mut_slice(&mut self) -> &mut [u8] {
+        // SAFETY: as above, borrowed mutably.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
+    }
+
+    fn iovec(&mut self) -> libc::iovec {
+        libc::iovec {
+            iov_base: self.ptr.as_ptr().cast(),
+            iov_len: self.len,
+        }
+    }
+}
+
+impl Drop for AlignedBuf {
+    fn drop(&mut self) {
+        if let Ok(layout) = std::alloc::Layout::from_size_align(self.len.max(1), Self::ALIGN) {
+            // SAFETY: allocated in `new` with this layout.
+            unsafe { std::alloc::dealloc(self.ptr.as_ptr(), layout) };
+        }
+    }
+}
+
 /// What a command does with its data when its operations complete.
 #[derive(Debug)]
 enum Kind {
     Read,
+    /// A read through a bounce buffer: copy it to the host's ranges.
+    BounceRead {
+        bounce: AlignedBuf,
+        segments: Vec<Segment>,
+    },
+    /// A write from a bounce buffer (kept until the write completes).
+    BounceWrite {
+        _bounce: AlignedBuf,
+    },
     Write,
     /// Compare: the media's data landed in `bounce`; compare with the host's.
     Compare {
-        bounce: Vec<u8>,
+        bounce: AlignedBuf,
         segments: Vec<Segment>,
     },
     Other,
+}
+
+/// Whether O_DIRECT can take these iovecs as they are.
+fn direct_aligned(iov: &[libc::iovec]) -> bool {
+    iov.iter()
+        .all(|v| (v.iov_base as usize) % DIRECT_ALIGN == 0 && v.iov_len % DIRECT_ALIGN == 0)
 }
 
 /// What the middle asked of a read or write: complete no earlier than
@@ -393,16 +457,32 @@ impl IoWorker {
                 });
                 match cmd.opcode() {
                     io::READ => {
-                        let iov = iovecs(mem.as_ref(), &segments, true)?;
+                        let mut iov = iovecs(mem.as_ref(), &segments, true)?;
+                        let mut kind = Kind::Read;
+                        if ns.direct && !direct_aligned(&iov) {
+                            let mut bounce =
+                                AlignedBuf::new(len as usize).ok_or(Status::INTERNAL_ERROR)?;
+                            iov = vec![bounce.iovec()];
+                            kind = Kind::BounceRead { bounce, segments };
+                        }
                         counters.read_commands.fetch_add(1, Ordering::Relaxed);
                         counters.bytes_read.fetch_add(len, Ordering::Relaxed);
                         // SAFETY: the iovecs stay in the in-flight slot, and
-                        // the memory they describe in `mem`, until completion.
+                        // the memory they describe in `mem` (or the bounce
+                        // buffer, also in the slot), until completion.
                         let e = unsafe { ns.media.read(iov.as_ptr(), iov.len() as u32, offset) };
-                        self.submit(cmd.cid(), Kind::Read, len, iov, mem, vec![e])
+                        self.submit(cmd.cid(), kind, len, iov, mem, vec![e])
                     }
                     io::WRITE => {
-                        let iov = iovecs(mem.as_ref(), &segments, false)?;
+                        let mut iov = iovecs(mem.as_ref(), &segments, false)?;
+                        let mut kind = Kind::Write;
+                        if ns.direct && !direct_aligned(&iov) {
+                            let mut bounce =
+                                AlignedBuf::new(len as usize).ok_or(Status::INTERNAL_ERROR)?;
+                            copy_from_guest(mem.as_ref(), &segments, bounce.as_mut_slice())?;
+                            iov = vec![bounce.iovec()];
+                            kind = Kind::BounceWrite { _bounce: bounce };
+                        }
                         counters.write_commands.fetch_add(1, Ordering::Relaxed);
                         counters.bytes_written.fetch_add(len, Ordering::Relaxed);
                         // SAFETY: as for reads.
@@ -416,14 +496,12 @@ impl IoWorker {
                             entries[0] = entries[0].clone().flags(squeue::Flags::IO_LINK);
                             entries.push(ns.media.flush());
                         }
-                        self.submit(cmd.cid(), Kind::Write, len, iov, mem, entries)
+                        self.submit(cmd.cid(), kind, len, iov, mem, entries)
                     }
                     _ => {
-                        let mut bounce = vec![0u8; len as usize];
-                        let iov = vec![libc::iovec {
-                            iov_base: bounce.as_mut_ptr().cast(),
-                            iov_len: bounce.len(),
-                        }];
+                        let mut bounce =
+                            AlignedBuf::new(len as usize).ok_or(Status::INTERNAL_ERROR)?;
+                        let iov = vec![bounce.iovec()];
                         counters.other_commands.fetch_add(1, Ordering::Relaxed);
                         // SAFETY: the bounce buffer moves into the slot with
                         // the iovec (a Vec's heap data does not move).
@@ -570,8 +648,10 @@ impl IoWorker {
                     "media operation failed"
                 );
                 f.status = match f.kind {
-                    Kind::Read | Kind::Compare { .. } => Status::UNRECOVERED_READ_ERROR,
-                    Kind::Write => Status::WRITE_FAULT,
+                    Kind::Read | Kind::BounceRead { .. } | Kind::Compare { .. } => {
+                        Status::UNRECOVERED_READ_ERROR
+                    }
+                    Kind::Write | Kind::BounceWrite { .. } => Status::WRITE_FAULT,
                     Kind::Other => Status::INTERNAL_ERROR,
                 };
                 if -c.result == libc::EFAULT {
@@ -590,13 +670,23 @@ impl IoWorker {
         };
         self.free.push(slot);
         let mut status = f.status;
-        if let (true, Kind::Compare { bounce, segments }) = (status.is_success(), &f.kind) {
-            let mut host = vec![0u8; bounce.len()];
-            status = match copy_from_guest(f._mem.as_ref(), segments, &mut host) {
-                Ok(()) if host == *bounce => Status::SUCCESS,
-                Ok(()) => Status::COMPARE_FAILURE,
-                Err(s) => s,
-            };
+        if status.is_success() {
+            match &f.kind {
+                Kind::Compare { bounce, segments } => {
+                    let mut host = vec![0u8; bounce.len];
+                    status = match copy_from_guest(f._mem.as_ref(), segments, &mut host) {
+                        Ok(()) if host == bounce.as_slice() => Status::SUCCESS,
+                        Ok(()) => Status::COMPARE_FAILURE,
+                        Err(s) => s,
+                    };
+                }
+                Kind::BounceRead { bounce, segments } => {
+                    if let Err(s) = copy_to_guest(f._mem.as_ref(), segments, bounce.as_slice()) {
+                        status = s;
+                    }
+                }
+                _ => {}
+            }
         }
         match f.hold {
             Some(hold) => self.release(Held {

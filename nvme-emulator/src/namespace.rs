@@ -101,7 +101,12 @@ pub struct Namespace {
     pub middle: Middle,
     /// log2 of the LBA size.
     pub lba_shift: u32,
+    /// Opened with O_DIRECT: buffers must be aligned (see [`DIRECT_ALIGN`]).
+    pub direct: bool,
 }
+
+/// Alignment of buffer addresses and lengths that O_DIRECT needs.
+pub const DIRECT_ALIGN: usize = 512;
 
 impl Namespace {
     pub fn open(
@@ -127,6 +132,7 @@ impl Namespace {
         Ok(Self {
             media,
             middle: Middle::new(middle)?,
+            direct,
             lba_shift: spec.lba_size.trailing_zeros(),
         })
     }

@@ -67,10 +67,10 @@ impl Host {
 
     /// A host whose namespace has these faults (in `--fault` syntax).
     fn with_faults(lba: u32, faults: &[&str]) -> Self {
-        Self::build(lba, faults, Duration::ZERO)
+        Self::build(lba, faults, Duration::ZERO, false)
     }
 
-    fn build(lba: u32, faults: &[&str], poll: Duration) -> Self {
+    fn build(lba: u32, faults: &[&str], poll: Duration, direct: bool) -> Self {
         let file = tempfile::NamedTempFile::new().unwrap();
         file.as_file().set_len(NS_BYTES).unwrap();
         let spec: NamespaceSpec = format!("{},lba={lba}", file.path().display())
@@ -83,7 +83,7 @@ impl Host {
             io_queues: 2,
             poll,
             namespaces: vec![{
-                let ns = Namespace::open_plain(&spec, false).unwrap();
+                let ns = Namespace::open_plain(&spec, direct).unwrap();
                 for f in faults {
                     ns.middle.add_fault(f.parse().unwrap()).unwrap();
                 }
@@ -980,7 +980,7 @@ fn interrupt_coalescing_batches_interrupts() {
 
 #[test]
 fn polling_workers_serve_shadow_and_register_doorbells() {
-    let mut h = Host::build(512, &[], Duration::from_micros(200));
+    let mut h = Host::build(512, &[], Duration::from_micros(200), false);
     h.enable();
     h.create_queues(1, 16);
     for i in 0..20 {
@@ -999,4 +999,30 @@ fn polling_workers_serve_shadow_and_register_doorbells() {
         );
     }
     h.disable();
+}
+
+#[test]
+fn direct_io_bounces_buffers_the_host_did_not_align() {
+    let mut h = Host::build(512, &[], Duration::ZERO, true);
+    h.enable();
+    h.create_queues(1, 16);
+    // A dword-aligned buffer, as Linux's nvme driver allows, then an aligned one.
+    for (at, seed) in [(DATA + 4, 5u8), (DATA + 0x2000, 6)] {
+        let data = pattern(seed, 4096);
+        h.mem().write(at, &data).unwrap();
+        let next_page = (at & !0xfff) + 0x1000;
+        let c = h.submit(1, rw(io::WRITE, 16, 8, at, next_page));
+        assert_eq!(c.status, Status::SUCCESS);
+        let mut on_file = vec![0u8; 4096];
+        h.ns_file().read_exact_at(&mut on_file, 16 * 512).unwrap();
+        assert_eq!(on_file, data);
+        let out = DATA + 0x10_0000 + (at & 0xfff);
+        let c = h.submit(1, rw(io::READ, 16, 8, out, (out & !0xfff) + 0x1000));
+        assert_eq!(c.status, Status::SUCCESS);
+        let mut back = vec![0u8; 4096];
+        h.mem().read(out, &mut back).unwrap();
+        assert_eq!(back, data);
+        let c = h.submit(1, rw(io::COMPARE, 16, 8, at, next_page));
+        assert_eq!(c.status, Status::SUCCESS);
+    }
 }
