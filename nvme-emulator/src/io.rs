@@ -115,6 +115,13 @@ enum Kind {
         bounce: AlignedBuf,
         segments: Vec<Segment>,
     },
+    /// Write Zeroes as FALLOC_FL_ZERO_RANGE; punched instead where the
+    /// filesystem lacks it (tmpfs).
+    ZeroRange {
+        nsid: u32,
+        offset: u64,
+        len: u64,
+    },
     Other,
 }
 
@@ -535,12 +542,18 @@ impl IoWorker {
                     .ok_or(Status::LBA_OUT_OF_RANGE)?;
                 counters.other_commands.fetch_add(1, Ordering::Relaxed);
                 // DEAC: deallocate as well (DLFEAT says it reads zeros).
-                let e = if cmd.cdw(12) & (1 << 25) != 0 {
-                    ns.media.punch_hole(offset, len)
-                } else {
-                    ns.media.zero_range(offset, len)
+                if cmd.cdw(12) & (1 << 25) != 0 || ns.zero_range_unsupported.load(Ordering::Relaxed)
+                {
+                    let e = ns.media.punch_hole(offset, len);
+                    return self.submit(cmd.cid(), Kind::Other, 0, Vec::new(), mem, vec![e]);
+                }
+                let e = ns.media.zero_range(offset, len);
+                let kind = Kind::ZeroRange {
+                    nsid: cmd.nsid(),
+                    offset,
+                    len,
                 };
-                self.submit(cmd.cid(), Kind::Other, 0, Vec::new(), mem, vec![e])
+                self.submit(cmd.cid(), kind, 0, Vec::new(), mem, vec![e])
             }
             io::DATASET_MANAGEMENT => {
                 let ranges = (cmd.cdw(10) & 0xff) as usize + 1;
@@ -592,7 +605,7 @@ impl IoWorker {
         let Some(slot) = self.free.pop() else {
             return Err(Status::INTERNAL_ERROR);
         };
-        let has_data = !matches!(kind, Kind::Other);
+        let has_data = !matches!(kind, Kind::Other | Kind::ZeroRange { .. });
         let hold = self.next_hold.take();
         self.slots[slot] = Some(InFlight {
             cid,
@@ -639,6 +652,26 @@ impl IoWorker {
         let Some(Some(f)) = self.slots.get_mut(slot) else {
             return;
         };
+        if let (Kind::ZeroRange { nsid, offset, len }, true) =
+            (&f.kind, c.result == -libc::EOPNOTSUPP)
+        {
+            // A hole reads as zeros too (DLFEAT says so): punch one, and
+            // from now on punch straight away on this namespace.
+            let (nsid, offset, len) = (*nsid, *offset, *len);
+            f.kind = Kind::Other;
+            if let Ok(ns) = self.ctrl.namespace(nsid) {
+                ns.zero_range_unsupported.store(true, Ordering::Relaxed);
+                // SAFETY: fallocate touches no memory of ours.
+                if unsafe {
+                    self.ring
+                        .push(ns.media.punch_hole(offset, len), slot as u64)
+                }
+                .is_ok()
+                {
+                    return;
+                }
+            }
+        }
         if f.status.is_success() {
             if c.result < 0 {
                 warn_limited!(
@@ -652,7 +685,7 @@ impl IoWorker {
                         Status::UNRECOVERED_READ_ERROR
                     }
                     Kind::Write | Kind::BounceWrite { .. } => Status::WRITE_FAULT,
-                    Kind::Other => Status::INTERNAL_ERROR,
+                    Kind::Other | Kind::ZeroRange { .. } => Status::INTERNAL_ERROR,
                 };
                 if -c.result == libc::EFAULT {
                     f.status = Status::DATA_TRANSFER_ERROR;

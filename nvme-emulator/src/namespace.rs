@@ -103,6 +103,9 @@ pub struct Namespace {
     pub lba_shift: u32,
     /// Opened with O_DIRECT: buffers must be aligned (see [`DIRECT_ALIGN`]).
     pub direct: bool,
+    /// The file's filesystem refused FALLOC_FL_ZERO_RANGE (tmpfs does):
+    /// Write Zeroes punches holes instead.
+    pub zero_range_unsupported: std::sync::atomic::AtomicBool,
 }
 
 /// Alignment of buffer addresses and lengths that O_DIRECT needs.
@@ -133,6 +136,7 @@ impl Namespace {
             media,
             middle: Middle::new(middle)?,
             direct,
+            zero_range_unsupported: std::sync::atomic::AtomicBool::new(false),
             lba_shift: spec.lba_size.trailing_zeros(),
         })
     }

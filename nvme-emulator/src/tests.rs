@@ -71,7 +71,17 @@ impl Host {
     }
 
     fn build(lba: u32, faults: &[&str], poll: Duration, direct: bool) -> Self {
-        let file = tempfile::NamedTempFile::new().unwrap();
+        Self::build_in(std::env::temp_dir().as_path(), lba, faults, poll, direct)
+    }
+
+    fn build_in(
+        dir: &std::path::Path,
+        lba: u32,
+        faults: &[&str],
+        poll: Duration,
+        direct: bool,
+    ) -> Self {
+        let file = tempfile::NamedTempFile::new_in(dir).unwrap();
         file.as_file().set_len(NS_BYTES).unwrap();
         let spec: NamespaceSpec = format!("{},lba={lba}", file.path().display())
             .parse()
@@ -1024,5 +1034,28 @@ fn direct_io_bounces_buffers_the_host_did_not_align() {
         assert_eq!(back, data);
         let c = h.submit(1, rw(io::COMPARE, 16, 8, at, next_page));
         assert_eq!(c.status, Status::SUCCESS);
+    }
+}
+
+#[test]
+fn write_zeroes_works_where_the_filesystem_cannot_zero_ranges() {
+    // tmpfs has no FALLOC_FL_ZERO_RANGE: the card punches a hole instead.
+    let shm = std::path::Path::new("/dev/shm");
+    if !shm.is_dir() {
+        return;
+    }
+    let mut h = Host::build_in(shm, 512, &[], Duration::ZERO, false);
+    h.enable();
+    h.create_queues(1, 16);
+    for round in 0..2 {
+        h.ns_file().write_all_at(&[0xcd; 8192], 0).unwrap();
+        assert_eq!(
+            h.submit(1, rw(io::WRITE_ZEROES, 0, 16, 0, 0)).status,
+            Status::SUCCESS,
+            "round {round}"
+        );
+        let mut got = vec![1u8; 8192];
+        h.ns_file().read_exact_at(&mut got, 0).unwrap();
+        assert!(got.iter().all(|&b| b == 0), "round {round}");
     }
 }
