@@ -182,16 +182,14 @@ impl RxSide {
             scratch,
             counters,
         );
-        if !backlog.frames.is_empty() && rearm(&mut state, &memory) {
-            delivered |= drain(
-                &mut state,
-                &memory,
-                &mut backlog,
-                negotiated,
-                scratch,
-                counters,
-            );
-        }
+        delivered |= rearm_and_drain(
+            &mut state,
+            &memory,
+            &mut backlog,
+            negotiated,
+            scratch,
+            counters,
+        );
         if delivered && state.needs_notification().unwrap_or(true) {
             let _ = state.signal_used_queue();
         }
@@ -592,16 +590,14 @@ fn deliver_one(
             }
             // Ask for a kick when the guest adds buffers; if it already has,
             // take them now.
-            if rearm(&mut state, &memory) {
-                delivered |= drain(
-                    &mut state,
-                    &memory,
-                    &mut backlog,
-                    negotiated,
-                    &mut out.rx,
-                    counters,
-                );
-            }
+            delivered |= rearm_and_drain(
+                &mut state,
+                &memory,
+                &mut backlog,
+                negotiated,
+                &mut out.rx,
+                counters,
+            );
         }
         drop(backlog);
         drop(state);
@@ -647,16 +643,52 @@ fn drain(
     delivered
 }
 
-/// Has the guest kick when it adds receive buffers (EVENT_IDX: avail_event
-/// set to the next one). True if buffers arrived meanwhile.
+/// Has the guest kick when it next adds a receive buffer. Returns true if it
+/// added some since this looked (it may then not kick: look again).
+///
+/// With EVENT_IDX the driver kicks only when its avail index crosses
+/// `avail_event`. The frame at the head of the backlog may need more buffers
+/// than the guest has made available: the card then stops *behind* the
+/// guest's avail index (nothing taken), so `avail_event` must be the avail
+/// index itself, not the card's next_avail — else the guest has already
+/// passed it and never kicks again.
 fn rearm(
     state: &mut vhost_user_backend::VringState<GuestMemory>,
     memory: &GuestMemoryMmap,
 ) -> bool {
-    state
-        .get_queue_mut()
-        .enable_notification(memory)
-        .unwrap_or(false)
+    let queue = state.get_queue_mut();
+    let Ok(avail) = queue.avail_idx(memory, Ordering::Acquire) else {
+        return false;
+    };
+    let next = queue.next_avail();
+    queue.set_next_avail(avail.0);
+    // Writes avail_event = avail (or clears NO_NOTIFY without EVENT_IDX),
+    // then a full fence.
+    let _ = queue.enable_notification(memory);
+    queue.set_next_avail(next);
+    queue
+        .avail_idx(memory, Ordering::Acquire)
+        .is_ok_and(|now| now != avail)
+}
+
+/// Re-arms and retries while the guest keeps adding buffers as the card
+/// looks; a few rounds, then the kick it will send takes over.
+fn rearm_and_drain(
+    state: &mut vhost_user_backend::VringState<GuestMemory>,
+    memory: &GuestMemoryMmap,
+    backlog: &mut Backlog,
+    negotiated: Negotiated,
+    scratch: &mut RxScratch,
+    counters: &PortCounters,
+) -> bool {
+    let mut delivered = false;
+    for _ in 0..4 {
+        if backlog.frames.is_empty() || !rearm(state, memory) {
+            break;
+        }
+        delivered |= drain(state, memory, backlog, negotiated, scratch, counters);
+    }
+    delivered
 }
 
 /// What a forwarding thread keeps between frames: receive scratch, the RX

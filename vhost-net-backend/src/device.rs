@@ -790,6 +790,65 @@ mod tests {
         );
     }
 
+    /// A TSO frame from A to B (TCP port 5201, a SYN so the security group
+    /// admits the flow): its vnet header and frame, as a driver leaves them.
+    fn tso_frame(payload_len: usize) -> (VnetHeader, Vec<u8>, Vec<u8>) {
+        let payload: Vec<u8> = (0..payload_len as u32).map(|i| i as u8).collect();
+        let mut frame = vpc::frames::tcp_v4(
+            MAC_B,
+            MAC_A,
+            [10, 0, 1, 10].into(),
+            [10, 0, 1, 11].into(),
+            40000,
+            5201,
+            0x02,
+            &payload,
+        );
+        let pseudo = vpc::packet::pseudo_v4(
+            [10, 0, 1, 10].into(),
+            [10, 0, 1, 11].into(),
+            6,
+            frame.len() - 34,
+        );
+        let folded = !vpc::packet::fold(pseudo);
+        frame[50..52].copy_from_slice(&folded.to_be_bytes());
+        let header = VnetHeader {
+            flags: F_NEEDS_CSUM,
+            gso_type: GSO_TCPV4,
+            hdr_len: 54,
+            gso_size: 1448,
+            csum_start: 34,
+            csum_offset: 16,
+            num_buffers: 0,
+        };
+        (header, frame, payload)
+    }
+
+    /// A frame that needs more receive buffers than the guest has posted
+    /// waits; the guest must be asked to kick at its *next* buffer (with
+    /// EVENT_IDX: avail_event = its avail index, which the card's next_avail
+    /// is behind), else it never kicks and TCP stalls on retransmits.
+    #[test]
+    fn a_frame_waiting_for_more_buffers_asks_for_a_kick_at_the_next_one() {
+        let card = card("");
+        let mut a = Guest::connect(&card, 0, features());
+        let mut b = Guest::connect(&card, 1, features());
+        b.post_rx(1, 2048);
+        b.kick(0);
+        let (header, frame, _) = tso_frame(4000);
+        a.send(&header, &frame);
+        a.kick(1);
+        assert!(b.used(0).is_empty(), "one 2 KiB buffer cannot take 4 KiB");
+        assert_eq!(counter(&card.ports[1].counters.rx_backlogged), 1);
+        // The guest's avail index is 1: its next buffer must trigger a kick.
+        assert_eq!(b.avail_event(0), 1);
+        b.post_rx(1, 2048);
+        b.kick(0);
+        assert_eq!(b.used(0).len(), 2, "the frame took both buffers");
+        let first = b.received(0);
+        assert_eq!(VnetHeader::parse(&first).unwrap().num_buffers, 2);
+    }
+
     /// A TSO frame for a guest that did not negotiate GUEST_TSO4 is segmented
     /// (each segment a whole frame with a plain header); one that did gets it
     /// whole, merged across buffers, header passed through.
@@ -807,35 +866,7 @@ mod tests {
             let mut b = Guest::connect(&card, 1, b_features);
             b.post_rx(16, 2048);
             b.kick(0);
-            let payload: Vec<u8> = (0..4000u32).map(|i| i as u8).collect();
-            let mut frame = vpc::frames::tcp_v4(
-                MAC_B,
-                MAC_A,
-                [10, 0, 1, 10].into(),
-                [10, 0, 1, 11].into(),
-                40000,
-                5201,
-                0x02, // SYN: a new flow the security group allows
-                &payload,
-            );
-            // As a driver leaves it: the pseudo-header sum in the checksum.
-            let pseudo = vpc::packet::pseudo_v4(
-                [10, 0, 1, 10].into(),
-                [10, 0, 1, 11].into(),
-                6,
-                frame.len() - 34,
-            );
-            let folded = !vpc::packet::fold(pseudo);
-            frame[50..52].copy_from_slice(&folded.to_be_bytes());
-            let header = VnetHeader {
-                flags: F_NEEDS_CSUM,
-                gso_type: GSO_TCPV4,
-                hdr_len: 54,
-                gso_size: 1448,
-                csum_start: 34,
-                csum_offset: 16,
-                num_buffers: 0,
-            };
+            let (header, frame, payload) = tso_frame(4000);
             a.send(&header, &frame);
             a.kick(1);
             let c = &card.ports[1].counters;
