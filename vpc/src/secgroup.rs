@@ -218,7 +218,14 @@ pub enum Decision {
 pub struct Conntrack {
     flows: FastMap<FlowKey, Entry>,
     capacity: usize,
+    /// When the full table was last swept: at most one O(n) sweep per [`SWEEP_INTERVAL`], so a guest
+    /// opening flows against a full table can't make every packet cost a scan of it.
+    swept_at: Option<Instant>,
+    sweeps: u64,
 }
+
+/// Least time between two sweeps of a full table.
+pub const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
 
 impl Conntrack {
     pub fn new(capacity: usize) -> Conntrack {
@@ -226,6 +233,8 @@ impl Conntrack {
         Conntrack {
             flows: FastMap::with_capacity_and_hasher(capacity.min(1024), Default::default()),
             capacity,
+            swept_at: None,
+            sweeps: 0,
         }
     }
 
@@ -277,7 +286,10 @@ impl Conntrack {
             return Decision::Untracked;
         }
         if self.flows.len() >= self.capacity && !self.flows.contains_key(&key) {
-            self.sweep(now);
+            if self.swept_at.is_none_or(|t| now >= t + SWEEP_INTERVAL) {
+                self.sweep(now);
+                self.swept_at = Some(now);
+            }
             if self.flows.len() >= self.capacity {
                 return Decision::Full;
             }
@@ -328,7 +340,13 @@ impl Conntrack {
 
     /// Drops every flow expired at `now`.
     pub fn sweep(&mut self, now: Instant) {
+        self.sweeps += 1;
         self.flows.retain(|_, e| e.expires > now);
+    }
+
+    /// How many times the table was swept (a full table is swept at most once per [`SWEEP_INTERVAL`]).
+    pub fn sweeps(&self) -> u64 {
+        self.sweeps
     }
 }
 

@@ -315,6 +315,7 @@ pub struct Switch {
     neighbors: HashMap<Ipv4Addr, MacAddr>,
     /// When the card last asked for an unresolved remote address.
     arp_asked: HashMap<Ipv4Addr, Instant>,
+    arp_forgotten_at: Option<Instant>,
     uplink_mac: Option<MacAddr>,
     counters: SwitchCounters,
     fragments: Fragments,
@@ -361,6 +362,7 @@ impl Switch {
             port_groups,
             neighbors: HashMap::new(),
             arp_asked: HashMap::new(),
+            arp_forgotten_at: None,
             uplink_mac: config.uplink.as_ref().and_then(|u| u.peer_mac),
             counters: SwitchCounters::default(),
             fragments: Fragments::default(),
@@ -891,6 +893,11 @@ impl Switch {
             return false;
         }
         if self.arp_asked.len() >= MAX_NEIGHBORS {
+            // Forget old questions at most once per ARP_RETRY (each pass scans the table).
+            if self.arp_forgotten_at.is_some_and(|t| now < t + ARP_RETRY) {
+                return false;
+            }
+            self.arp_forgotten_at = Some(now);
             self.arp_asked.retain(|_, t| now < *t + ARP_RETRY);
             if self.arp_asked.len() >= MAX_NEIGHBORS {
                 return false;
