@@ -468,6 +468,33 @@ mod tests {
         ));
     }
 
+    proptest::proptest! {
+        /// Whatever the traffic, the table never holds more flows than its capacity, and a flow that was
+        /// just committed is tracked.
+        #[test]
+        fn the_table_stays_within_its_capacity(
+            capacity in 1usize..16,
+            packets in proptest::collection::vec((0u16..40, proptest::bool::ANY, 0u8..0x20, 0u64..400), 1..300),
+        ) {
+            let start = Instant::now();
+            let mut ct = Conntrack::new(capacity);
+            for (port, inbound, flags, secs) in packets {
+                let now = start + Duration::from_secs(secs);
+                let (p, dir) = if inbound {
+                    (tcp(B, 80, A, port, flags), Direction::Inbound)
+                } else {
+                    (tcp(A, port, B, 80, flags), Direction::Outbound)
+                };
+                let d = ct.decide(&p, dir, now, || true);
+                ct.commit(d, &p, dir, now);
+                proptest::prop_assert!(ct.len() <= capacity);
+                if matches!(d, Decision::New(_) | Decision::Tracked(_)) {
+                    proptest::prop_assert!(ct.is_tracked(&key_of(&p, dir), now));
+                }
+            }
+        }
+    }
+
     #[test]
     fn icmp_errors_quoting_a_tracked_flow_are_related() {
         let now = Instant::now();
