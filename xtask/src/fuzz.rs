@@ -16,9 +16,10 @@ use anyhow::{bail, Context, Result};
 
 use crate::{cargo, cargo_bin};
 
-pub const TARGETS: [&str; 3] = [
+pub const TARGETS: [&str; 4] = [
     "virtio_blk_request",
     "vhost_user_messages",
+    "virtio_net_tx",
     "control_protocol",
 ];
 

@@ -44,8 +44,8 @@ enum Cmd {
         /// How long to fuzz each target.
         #[arg(long, default_value_t = 300)]
         seconds: u64,
-        /// One target (virtio_blk_request, vhost_user_messages,
-        /// control_protocol); all if omitted.
+        /// One target (see `fuzz/Cargo.toml` or docs/SECURITY.md); all if
+        /// omitted.
         target: Option<String>,
     },
 }
