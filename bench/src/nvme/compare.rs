@@ -68,16 +68,15 @@ pub struct Results {
 pub enum CompareError {
     #[error("{0}")]
     Setup(String),
-    #[error("{what}: {source}")]
-    Io {
-        what: String,
-        source: std::io::Error,
-    },
-    #[error("nvme-emulator ({cell}, round {round}): {source}")]
+    // Causes are part of the message, not `source`s: `{:#}` would print
+    // them twice.
+    #[error("{what}: {error}")]
+    Io { what: String, error: std::io::Error },
+    #[error("nvme-emulator ({cell}, round {round}): {error}")]
     Run {
         cell: String,
         round: u32,
-        source: LoadError,
+        error: LoadError,
     },
     #[error("{0}")]
     Card(String),
@@ -93,7 +92,7 @@ impl CompareError {
 
 fn io_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> CompareError {
     let what = what.into();
-    move |source| CompareError::Io { what, source }
+    move |error| CompareError::Io { what, error }
 }
 
 fn metrics(out: &FioOutput, rw: Rw) -> Metrics {
@@ -310,10 +309,10 @@ fn run_ours(
         timeout: Duration::from_secs(10),
         connect_wait: Duration::from_secs(10),
     };
-    let r = load::run(&config).map_err(|source| CompareError::Run {
+    let r = load::run(&config).map_err(|error| CompareError::Run {
         cell: format!("{} {queues}q", w.name),
         round: 0,
-        source,
+        error,
     })?;
     Ok(report::to_fio(&r))
 }
@@ -373,11 +372,9 @@ pub fn run(cfg: &NvmeCompareConfig) -> Result<Results, CompareError> {
                 // A B, A B: drift over time hits both alike.
                 seq += 1;
                 let out = run_ours(cfg, &path, w, queues, seq).map_err(|e| match e {
-                    CompareError::Run { cell, source, .. } => CompareError::Run {
-                        cell,
-                        round,
-                        source,
-                    },
+                    CompareError::Run { cell, error, .. } => {
+                        CompareError::Run { cell, round, error }
+                    }
                     other => other,
                 })?;
                 let m = metrics(&out, w.rw);

@@ -38,17 +38,19 @@ const PCI_COMMAND_MEM_BME: u16 = 0x6;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DriverError {
-    #[error("cannot attach to {}: {source}", path.display())]
+    // The crate's error already carries its cause in its message: keep it
+    // as text, not as a source, or `{:#}` chains print it twice.
+    #[error("cannot attach to {}: {error}", path.display())]
     Connect {
         path: PathBuf,
-        source: vfio_user::Error,
+        error: vfio_user::Error,
     },
     #[error("{}: no answer to the vfio-user handshake within {waited:?}; is it a vfio-user server?", path.display())]
     NoHandshake { path: PathBuf, waited: Duration },
-    #[error("vfio-user {what}: {source}")]
+    #[error("vfio-user {what}: {error}")]
     Transport {
         what: &'static str,
-        source: vfio_user::Error,
+        error: vfio_user::Error,
     },
     #[error("not an NVMe controller: {0}")]
     NotNvme(String),
@@ -257,6 +259,10 @@ struct Inner {
     vectors: Vec<EventFd>,
     /// Bumped by every reset; queues of an older epoch are dead.
     epoch: AtomicU64,
+    /// Doorbell writes that reached the card (socket or mapped page), and
+    /// those the shadow doorbells made unnecessary.
+    doorbells_rung: AtomicU64,
+    doorbells_skipped: AtomicU64,
     timeout: Duration,
 }
 
@@ -271,7 +277,7 @@ impl Inner {
             .region_read(BAR0_REGION, offset, &mut b)
             .map_err(|source| DriverError::Transport {
                 what: "BAR0 read",
-                source,
+                error: source,
             })?;
         Ok(u32::from_le_bytes(b))
     }
@@ -281,7 +287,7 @@ impl Inner {
             .region_write(BAR0_REGION, offset, &value.to_le_bytes())
             .map_err(|source| DriverError::Transport {
                 what: "BAR0 write",
-                source,
+                error: source,
             })
     }
 
@@ -293,6 +299,7 @@ impl Inner {
     /// Writes a doorbell register: through the mmapped page when there is
     /// one covering it, else as a trapped BAR write over the socket.
     fn ring_mmio(&self, qid: u16, cq: bool, value: u16) -> Result<()> {
+        self.doorbells_rung.fetch_add(1, Ordering::Relaxed);
         let off = self.doorbell_offset(qid, cq);
         if let Some(m) = &self.mapped {
             if off >= m.bar_offset && off + 4 <= m.bar_offset + m.len as u64 {
@@ -422,6 +429,7 @@ impl QueuePair {
             fence(Ordering::SeqCst);
             let event = s.event_idx.u32_at(idx).load(Ordering::Acquire) as u16;
             if !need_event(event, value, old) {
+                inner.doorbells_skipped.fetch_add(1, Ordering::Relaxed);
                 return Ok(());
             }
         }
@@ -783,7 +791,7 @@ impl Controller {
             .region_read(CONFIG_REGION, 0x08, &mut class)
             .map_err(|source| DriverError::Transport {
                 what: "config space read",
-                source,
+                error: source,
             })?;
         if class[1..4] != [0x02, 0x08, 0x01] {
             return Err(DriverError::NotNvme(format!(
@@ -799,7 +807,7 @@ impl Controller {
             )
             .map_err(|source| DriverError::Transport {
                 what: "config space write",
-                source,
+                error: source,
             })?;
 
         let mem = DmaMemory::new(config.mem_size).map_err(DriverError::Memory)?;
@@ -807,7 +815,7 @@ impl Controller {
             .dma_map(0, IOVA_BASE, mem.len(), mem.guest().fd())
             .map_err(|source| DriverError::Transport {
                 what: "DMA map",
-                source,
+                error: source,
             })?;
 
         let msix =
@@ -815,7 +823,7 @@ impl Controller {
                 .get_irq_info(MSIX_IRQ_INDEX)
                 .map_err(|source| DriverError::Transport {
                     what: "MSI-X info",
-                    source,
+                    error: source,
                 })?;
         let nvec = msix.count.min(u32::from(config.io_queues) + 1);
         let vectors: Vec<EventFd> = (0..nvec)
@@ -834,7 +842,7 @@ impl Controller {
                 )
                 .map_err(|source| DriverError::Transport {
                     what: "SET_IRQS",
-                    source,
+                    error: source,
                 })?;
         }
 
@@ -845,7 +853,7 @@ impl Controller {
                 .region_read(BAR0_REGION, reg::CAP + 4 * i as u64, half)
                 .map_err(|source| DriverError::Transport {
                     what: "CAP read",
-                    source,
+                    error: source,
                 })?;
         }
         let cap = Cap(u64::from_le_bytes(cap_b));
@@ -863,6 +871,8 @@ impl Controller {
             shadow: Mutex::new(None),
             vectors,
             epoch: AtomicU64::new(0),
+            doorbells_rung: AtomicU64::new(0),
+            doorbells_skipped: AtomicU64::new(0),
             timeout: config.timeout,
         });
         let admin_depth = config.admin_depth.clamp(2, cap.mqes().min(4096) as u16);
@@ -1007,6 +1017,14 @@ impl Controller {
 
     pub fn uses_mapped_doorbells(&self) -> bool {
         self.inner.mapped.is_some()
+    }
+
+    /// (doorbell writes that reached the card, writes shadow doorbells saved).
+    pub fn doorbell_counts(&self) -> (u64, u64) {
+        (
+            self.inner.doorbells_rung.load(Ordering::Relaxed),
+            self.inner.doorbells_skipped.load(Ordering::Relaxed),
+        )
     }
 
     pub fn vectors(&self) -> usize {
@@ -1322,7 +1340,7 @@ fn handshake(path: &Path, timeout: Duration) -> Result<Client> {
         .map_err(|e| DriverError::Invalid(format!("cannot start a thread: {e}")))?;
     let connect_err = |source| DriverError::Connect {
         path: path.to_owned(),
-        source,
+        error: source,
     };
     match rx.recv_timeout(timeout) {
         Ok(r) => {

@@ -554,6 +554,8 @@ pub fn run(config: &NvmeConfig) -> Result<BlkResult, LoadError> {
         io_errors += w.io_errors;
     }
     let shadow = ctrl.uses_shadow_doorbells();
+    let (rung, skipped) = ctrl.doorbell_counts();
+    tracing::info!("doorbells: {rung} written to the card, {skipped} left to the shadow doorbells");
     // Leave the controller as a guest's driver would on unbind.
     for w in workers {
         let _ = ctrl.delete_io_queue(w.q);
