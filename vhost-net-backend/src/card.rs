@@ -10,8 +10,10 @@
 //! another port clones the `Arc`/vring out of the slot (the slot's lock is
 //! held only for that clone), then locks just that RX vring for the copy.
 //! A port whose guest is gone has an empty slot: the frame is dropped and
-//! counted, nothing waits. Lock order: a TX vring, then RX vrings, then
-//! nothing; the switch's lock is never held across a delivery.
+//! counted, nothing waits. Lock order: a TX vring, then an RX vring, then
+//! that RX queue's backlog; the switch's lock is never held across a
+//! delivery. A guest without a free receive buffer gets its frames later,
+//! from a bounded backlog drained on its RX kick (see [`Backlog`]).
 
 use std::collections::VecDeque;
 use std::fs::File;
@@ -693,7 +695,7 @@ fn rearm_and_drain(
 
 /// What a forwarding thread keeps between frames: receive scratch, the RX
 /// vrings it added used entries to (signalled once per batch), and its VXLAN
-/// sender.
+/// and uplink senders (entered once per batch).
 pub struct Forwarder {
     rx: RxScratch,
     /// (port, pair, vring) of each RX queue touched in this batch.
