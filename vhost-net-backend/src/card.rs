@@ -13,7 +13,7 @@
 //! counted, nothing waits. Lock order: a TX vring, then an RX vring, then
 //! that RX queue's backlog; the switch's lock is never held across a
 //! delivery. A guest without a free receive buffer gets its frames later,
-//! from a bounded backlog drained on its RX kick (see [`Backlog`]).
+//! from a bounded backlog drained on its RX kick (`Backlog`).
 
 use std::collections::VecDeque;
 use std::fs::File;
