@@ -362,6 +362,8 @@ impl Drop for Testpmd {
         self.stdin = None;
         if let Ok(None) = self.child.try_wait() {
             // SIGINT lets it close its vhost sockets and free shared memory.
+            // SAFETY: kill has no memory preconditions; the pid is our own
+            // unreaped child, so it can't have been recycled.
             unsafe {
                 libc::kill(self.child.id() as i32, libc::SIGINT);
             }
