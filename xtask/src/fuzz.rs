@@ -16,10 +16,12 @@ use anyhow::{bail, Context, Result};
 
 use crate::{cargo, cargo_bin};
 
-pub const TARGETS: [&str; 4] = [
+pub const TARGETS: [&str; 6] = [
     "virtio_blk_request",
     "vhost_user_messages",
     "virtio_net_tx",
+    "nvme_driver",
+    "nvme_data_pointer",
     "control_protocol",
 ];
 
