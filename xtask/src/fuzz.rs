@@ -16,12 +16,13 @@ use anyhow::{bail, Context, Result};
 
 use crate::{cargo, cargo_bin};
 
-pub const TARGETS: [&str; 6] = [
+pub const TARGETS: [&str; 7] = [
     "virtio_blk_request",
     "vhost_user_messages",
     "virtio_net_tx",
     "nvme_driver",
     "nvme_data_pointer",
+    "vfio_user_device",
     "control_protocol",
 ];
 
