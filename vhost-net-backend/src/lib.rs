@@ -7,7 +7,8 @@
 //! - [`allowance`]: per-ENI bandwidth and packets-per-second buckets;
 //! - [`vxlan`]: the VXLAN socket on io_uring;
 //! - [`uplink`]: the optional TAP uplink on io_uring;
-//! - [`counters`], [`control`]: what the card reports.
+//! - [`counters`], [`control`]: what the card reports;
+//! - [`sandbox`]: the system calls it makes, for its seccomp filters.
 
 pub mod allowance;
 pub mod card;
@@ -16,5 +17,6 @@ pub mod control;
 pub mod counters;
 pub mod device;
 pub mod features;
+pub mod sandbox;
 pub mod uplink;
 pub mod vxlan;
