@@ -888,6 +888,9 @@ fn random_writes_verify_across_reset_under_load() {
         written > 50,
         "only {written} blocks written before the reset"
     );
+    // The reset controller was set up again, shadow doorbells included.
+    assert!(ctrl.uses_shadow_doorbells());
+    assert_eq!(ctrl.read_reg32(reg::CSTS).unwrap() & 0b11, 1);
     // Queues are gone: new ones on the reset controller read everything back.
     for (i, w) in writers.iter_mut().enumerate() {
         let mut q = ctrl.create_io_queue(i as u16 + 1, 16).unwrap();
