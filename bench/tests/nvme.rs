@@ -422,6 +422,7 @@ fn every_io_command() {
             DataPointer::SglList,
             "an SGL segment of data blocks",
         ),
+        (32 << 10, DataPointer::SglChain, "two chained SGL segments"),
     ];
     let mut lba = 0u64;
     for (gen, &(len, how, what)) in kinds.iter().enumerate() {

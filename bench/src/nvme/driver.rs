@@ -354,6 +354,9 @@ pub enum DataPointer {
     SglBlock,
     /// A Last Segment descriptor pointing at one Data Block per page.
     SglList,
+    /// A Segment descriptor whose list ends in a Last Segment descriptor:
+    /// the page-sized Data Blocks split over two chained segments.
+    SglChain,
 }
 
 /// One submission/completion queue pair and its memory.
@@ -730,6 +733,44 @@ fn set_data(
             cmd.psdt = 1;
             cmd.dptr = sgl::descriptor(list.iova(), 16 * entries.len() as u32, sgl::LAST_SEGMENT);
             Ok(vec![list])
+        }
+        DataPointer::SglChain => {
+            let blocks: Vec<[u64; 2]> = {
+                let mut left = len;
+                prp::entries(iova, len)
+                    .into_iter()
+                    .map(|e| {
+                        let chunk = (PAGE - e % PAGE).min(left);
+                        left -= chunk;
+                        sgl::descriptor(e, chunk as u32, sgl::DATA_BLOCK)
+                    })
+                    .collect()
+            };
+            if blocks.len() < 2 {
+                return Err(DriverError::Invalid(
+                    "a chained SGL needs at least two pages".into(),
+                ));
+            }
+            let (first, second) = blocks.split_at(blocks.len() / 2);
+            let seg1 = alloc(16 * (first.len() as u64 + 1))?;
+            let seg2 = alloc(16 * second.len() as u64)?;
+            for (i, d) in first.iter().enumerate() {
+                seg1.write_at(16 * i as u64, &sgl::to_bytes(*d));
+            }
+            seg1.write_at(
+                16 * first.len() as u64,
+                &sgl::to_bytes(sgl::descriptor(
+                    seg2.iova(),
+                    16 * second.len() as u32,
+                    sgl::LAST_SEGMENT,
+                )),
+            );
+            for (i, d) in second.iter().enumerate() {
+                seg2.write_at(16 * i as u64, &sgl::to_bytes(*d));
+            }
+            cmd.psdt = 1;
+            cmd.dptr = sgl::descriptor(seg1.iova(), 16 * (first.len() as u32 + 1), sgl::SEGMENT);
+            Ok(vec![seg1, seg2])
         }
     }
 }
