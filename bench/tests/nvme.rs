@@ -1266,3 +1266,57 @@ fn bogus_completions_are_protocol_errors() {
     let b = buf(&ctrl, 4096);
     q.read(&ns, 0, 8, &b).unwrap();
 }
+
+#[test]
+fn shutdown_under_load_then_reset_keeps_data() {
+    let card = start(CardSpec {
+        namespaces: &[(4 << 20, 512)],
+        io_queues: 2,
+        ..CardSpec::default()
+    });
+    let ctrl = Arc::new(attach(&card));
+    let per_queue = (4 << 20) / BLOCK / 2;
+    let mut writers: Vec<Writer> = (0..2u16)
+        .map(|i| Writer {
+            q: ctrl.create_io_queue(i + 1, 16).unwrap(),
+            first: u64::from(i) * per_queue,
+            blocks: per_queue,
+            expected: vec![0; per_queue as usize],
+            either: vec![None; per_queue as usize],
+            generation: 0,
+        })
+        .collect();
+    let stop = AtomicBool::new(false);
+    std::thread::scope(|s| {
+        let handles: Vec<_> = writers
+            .iter_mut()
+            .map(|w| {
+                let (ctrl, stop) = (&ctrl, &stop);
+                s.spawn(move || w.run(ctrl, stop))
+            })
+            .collect();
+        std::thread::sleep(Duration::from_millis(400));
+        // CC.SHN with writes in flight: the card must reach SHST complete.
+        ctrl.shutdown().expect("shutdown under load");
+        // Bring it back (CC.EN 1 -> 0 -> 1); the writers see their queues go.
+        ctrl.reset().expect("enable after shutdown");
+        for h in handles {
+            match h.join().unwrap() {
+                Err(DriverError::Reset) => {}
+                other => panic!("writer: {other:?}"),
+            }
+        }
+    });
+    let written: usize = writers
+        .iter()
+        .map(|w| w.expected.iter().filter(|&&g| g != 0).count())
+        .sum();
+    assert!(
+        written > 20,
+        "only {written} blocks written before the shutdown"
+    );
+    for (i, w) in writers.iter_mut().enumerate() {
+        let mut q = ctrl.create_io_queue(i as u16 + 1, 16).unwrap();
+        assert_eq!(w.verify(&ctrl, &mut q), per_queue as usize);
+    }
+}
