@@ -180,6 +180,9 @@ const DATA_OP: u64 = 1 << 32;
 
 pub struct IoWorker {
     ctrl: Arc<Controller>,
+    /// The queue's doorbell eventfd (a duplicate, made before the worker
+    /// confines itself).
+    wake: vmm_sys_util::eventfd::EventFd,
     q: IoQueue,
     stop: Arc<AtomicU8>,
     ring: QueueRing,
@@ -201,8 +204,10 @@ impl IoWorker {
     pub fn new(ctrl: Arc<Controller>, q: IoQueue, stop: Arc<AtomicU8>) -> std::io::Result<Self> {
         let depth = q.size.min(1024);
         let ring = QueueRing::new(depth)?;
+        let wake = ctrl.wake_fd(q.qid).try_clone()?;
         Ok(Self {
             ctrl,
+            wake,
             q,
             stop,
             ring,
@@ -218,11 +223,9 @@ impl IoWorker {
     }
 
     pub fn run(mut self) {
-        let wake = self.ctrl.wake_fd(self.q.qid).try_clone();
-        let Ok(wake) = wake else {
-            tracing::error!(qid = self.q.qid, "cannot clone the queue's eventfd");
-            return;
-        };
+        // Before the first submission entry is read: this thread is the
+        // first one guest-controlled data reaches.
+        card_firmware::sandbox::confine_queue_worker();
         use std::os::unix::io::AsRawFd;
         loop {
             if self.stop.load(Ordering::Acquire) != RUN {
@@ -253,7 +256,7 @@ impl IoWorker {
             let timeout = self.sleep_limit();
             let mut fds = [
                 libc::pollfd {
-                    fd: wake.as_raw_fd(),
+                    fd: self.wake.as_raw_fd(),
                     events: libc::POLLIN,
                     revents: 0,
                 },
@@ -265,7 +268,7 @@ impl IoWorker {
             ];
             // SAFETY: two valid pollfds.
             unsafe { libc::poll(fds.as_mut_ptr(), 2, timeout.as_millis().max(1) as i32) };
-            let _ = wake.read();
+            let _ = self.wake.read();
         }
         // Stopped (queue deleted or controller reset): the kernel must be
         // done with guest memory before the worker goes away.

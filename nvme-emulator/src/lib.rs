@@ -13,7 +13,8 @@
 //! - [`io`]: per-queue workers on io_uring (the NVM command set);
 //! - [`namespace`]: namespaces on files and their command-line form;
 //! - [`pci`]: PCI configuration space;
-//! - [`server`]: the vfio-user server.
+//! - [`server`]: the vfio-user server;
+//! - [`sandbox`]: the system calls the card may make once jailed.
 
 pub mod admin;
 pub mod controller;
@@ -22,6 +23,7 @@ pub mod dma;
 pub mod io;
 pub mod namespace;
 pub mod pci;
+pub mod sandbox;
 pub mod server;
 pub mod spec;
 

@@ -14,10 +14,11 @@ use clap::Parser;
 
 use card_firmware::metrics;
 use card_firmware::middle::{Latency, MiddleConfig};
+use card_firmware::sandbox::SandboxArgs;
 use hw_model::fault::{FaultKind, FaultSpec};
 use nvme_emulator::controller::{Controller, ControllerConfig};
 use nvme_emulator::namespace::{Namespace, NamespaceSpec};
-use nvme_emulator::server::{self, ServeError};
+use nvme_emulator::server;
 
 /// Model number every card reports unless told otherwise.
 const DEFAULT_MODEL: &str = "cardsim NVMe Instance Storage";
@@ -68,6 +69,8 @@ struct Args {
     /// (repeatable; io_error, latency and stall).
     #[arg(long = "fault", value_parser = parse_fault)]
     faults: Vec<FaultSpec>,
+    #[command(flatten)]
+    sandbox: SandboxArgs,
 }
 
 fn parse_media_model(text: &str) -> Result<Latency, String> {
@@ -195,37 +198,76 @@ fn run(args: Args) -> Result<(), Failure> {
         namespaces,
     })
     .map_err(|e| Failure::Runtime(e.into()))?;
-    if let Some(path) = args.metrics.clone() {
+    // Everything that needs a path or a privilege happens before the card
+    // jails itself: namespaces open, socket bound. Threads start after, so
+    // they inherit the jail.
+    let server = server::listen(&ctrl, &args.socket).map_err(|e| Failure::Config(e.into()))?;
+    let metrics_path = args
+        .metrics
+        .as_deref()
+        .map(absolute_metrics_path)
+        .transpose()?;
+    let writable = metrics_path
+        .iter()
+        .filter_map(|p| p.parent().map(PathBuf::from))
+        .collect();
+    if let Some(jail) = args
+        .sandbox
+        .enter(writable, &nvme_emulator::sandbox::allowlist())
+        .map_err(|e| Failure::Config(e.into()))?
+    {
+        card_firmware::sandbox::set_queue_worker_allowlist(
+            &nvme_emulator::sandbox::queue_worker_allowlist(),
+        )
+        .map_err(|e| Failure::Runtime(e.into()))?;
+        tracing::info!(
+            uid = jail.uid,
+            gid = jail.gid,
+            private_root = jail.private_root,
+            syscalls = jail.syscalls,
+            "sandbox entered"
+        );
+    }
+    if let Some(path) = metrics_path {
         let c = ctrl.clone();
         metrics::spawn_writer(path.clone(), Duration::from_secs(1), move || c.snapshot())
             .with_context(|| format!("cannot write metrics to {}", path.display()))
             .map_err(Failure::Config)?;
     }
-    let announce = {
-        let ctrl = ctrl.clone();
-        let socket = args.socket.clone();
-        move || {
-            for (i, ns) in ctrl.config.namespaces.iter().enumerate() {
-                tracing::info!(
-                    nsid = i + 1,
-                    path = %ns.media.path().display(),
-                    bytes = ns.media.capacity(),
-                    lba = ns.lba_size(),
-                    "namespace"
-                );
-            }
-            tracing::info!(
-                socket = %socket.display(),
-                io_queues = ctrl.io_queues(),
-                serial,
-                "NVMe card listening"
-            );
-        }
+    for (i, ns) in ctrl.config.namespaces.iter().enumerate() {
+        tracing::info!(
+            nsid = i + 1,
+            path = %ns.media.path().display(),
+            bytes = ns.media.capacity(),
+            lba = ns.lba_size(),
+            "namespace"
+        );
+    }
+    tracing::info!(
+        socket = %args.socket.display(),
+        io_queues = ctrl.io_queues(),
+        serial,
+        "NVMe card listening"
+    );
+    server::serve(ctrl, server).map_err(|e| Failure::Runtime(e.into()))
+}
+
+/// The metrics path made absolute with its folder resolved, so it still
+/// names the same place inside the jail.
+fn absolute_metrics_path(path: &std::path::Path) -> Result<PathBuf, Failure> {
+    let absolute = std::path::absolute(path)
+        .with_context(|| format!("--metrics {}", path.display()))
+        .map_err(Failure::Config)?;
+    let (Some(dir), Some(name)) = (absolute.parent(), absolute.file_name()) else {
+        return Err(Failure::Config(anyhow::anyhow!(
+            "--metrics {}: not a file path",
+            path.display()
+        )));
     };
-    server::serve_forever(ctrl, &args.socket, announce).map_err(|e| match e {
-        ServeError::SocketPath(_) | ServeError::Listen { .. } => Failure::Config(e.into()),
-        other => Failure::Runtime(other.into()),
-    })
+    let dir = std::fs::canonicalize(dir)
+        .with_context(|| format!("--metrics {}: no folder {}", path.display(), dir.display()))
+        .map_err(Failure::Config)?;
+    Ok(dir.join(name))
 }
 
 #[cfg(test)]

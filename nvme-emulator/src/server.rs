@@ -225,17 +225,12 @@ impl ServerBackend for NvmeDevice {
     }
 }
 
-/// Serves the controller on `socket`, connection after connection, until a
-/// fatal error. Between connections the controller is reset and its DMA
-/// regions dropped, so a restarted VMM finds a fresh controller.
-pub fn serve_forever(
-    ctrl: Arc<Controller>,
-    socket: &Path,
-    announce: impl FnOnce(),
-) -> Result<(), ServeError> {
+/// Claims `socket` and listens on it: the part of serving that needs a
+/// path, done before the card jails itself.
+pub fn listen(ctrl: &Controller, socket: &Path) -> Result<Server, ServeError> {
     card_firmware::socket::claim_socket_path(socket)?;
     let vectors = ctrl.irqs.count() as u32;
-    let server = Server::new(
+    Server::new(
         socket,
         true,
         NvmeDevice::irqs(vectors),
@@ -244,7 +239,14 @@ pub fn serve_forever(
     .map_err(|source| ServeError::Listen {
         path: socket.display().to_string(),
         source,
-    })?;
+    })
+}
+
+/// Serves the controller on `server`, connection after connection, until a
+/// fatal error; starts the admin thread first. Between connections the
+/// controller is reset and its DMA regions dropped, so a restarted VMM finds
+/// a fresh controller.
+pub fn serve(ctrl: Arc<Controller>, server: Server) -> Result<(), ServeError> {
     let stop = Arc::new(AtomicBool::new(false));
     let admin = {
         let ctrl = ctrl.clone();
@@ -254,7 +256,6 @@ pub fn serve_forever(
             .spawn(move || ctrl.run_admin(stop))
             .map_err(ServeError::Thread)?
     };
-    announce();
     loop {
         let mut device = NvmeDevice::new(ctrl.clone());
         // The crate unwraps some of what the client sends (a version string
@@ -281,6 +282,17 @@ pub fn serve_forever(
     stop.store(true, Ordering::Release);
     let _ = admin.join();
     Ok(())
+}
+
+/// [`listen`] then [`serve`], calling `announce` in between.
+pub fn serve_forever(
+    ctrl: Arc<Controller>,
+    socket: &Path,
+    announce: impl FnOnce(),
+) -> Result<(), ServeError> {
+    let server = listen(&ctrl, socket)?;
+    announce();
+    serve(ctrl, server)
 }
 
 #[cfg(test)]

@@ -202,3 +202,58 @@ fn a_stale_socket_is_replaced() -> Result<()> {
     std::os::unix::net::UnixStream::connect(&sock)?;
     Ok(())
 }
+
+/// Started as root, the card jails itself before it serves: seccomp filter
+/// on, uid nobody; `--no-sandbox` leaves it as it was started.
+#[test]
+fn the_card_runs_jailed_unless_told_not_to() -> Result<()> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("skipped: the jail needs root");
+        return Ok(());
+    }
+    // The card jails itself just after it binds its socket.
+    let status_of = |pid: u32| -> Result<(String, String)> {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let now = status_of_now(pid)?;
+            if now.0 == "2" || std::time::Instant::now() > deadline {
+                return Ok(now);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    let dir = tempfile::tempdir()?;
+    let img = dir.path().join("ns.img");
+    fs::write(&img, vec![0u8; 1 << 20])?;
+    let card = NvmeCard::start(dir.path(), &[img.to_str().unwrap_or_default()], &[])?;
+    ensure!(status_of(card.process.id())? == ("2".into(), "65534".into()));
+    drop(card);
+    let card = NvmeCard::start(
+        dir.path(),
+        &[img.to_str().unwrap_or_default()],
+        &["--no-sandbox"],
+    )?;
+    std::thread::sleep(Duration::from_millis(300));
+    ensure!(status_of_now(card.process.id())? == ("0".into(), "0".into()));
+    Ok(())
+}
+
+/// Seccomp mode and real uid of a process.
+fn status_of_now(pid: u32) -> Result<(String, String)> {
+    let status = fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let field = |name: &str| {
+        status
+            .lines()
+            .find(|l| l.starts_with(name))
+            .map(|l| {
+                l[name.len()..]
+                    .split_whitespace()
+                    .next()
+                    .unwrap_or("")
+                    .to_owned()
+            })
+            .unwrap_or_default()
+    };
+    Ok((field("Seccomp:"), field("Uid:")))
+}

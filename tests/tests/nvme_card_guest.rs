@@ -65,7 +65,15 @@ fn nvme_card_serves_a_linux_guest() -> Result<()> {
     file.write_all_at(&junk, ZERO_OFFSET)?;
     file.sync_all()?;
     drop(file);
-    let metrics = dir.path().join("metrics.json");
+    // The card jails itself as nobody when started as root: its metrics
+    // folder must be the jailed uid's.
+    let metrics_dir = dir.path().join("metrics");
+    fs::create_dir(&metrics_dir)?;
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        std::os::unix::fs::chown(&metrics_dir, Some(65534), Some(65534))?;
+    }
+    let metrics = metrics_dir.join("metrics.json");
     // A second namespace with 4 KiB blocks, grown by the card to 16 MiB.
     let ns2 = dir.path().join("ns2.img");
     fs::File::create(&ns2)?;
