@@ -266,8 +266,13 @@ impl IoWorker {
                     revents: 0,
                 },
             ];
-            // SAFETY: two valid pollfds.
-            unsafe { libc::poll(fds.as_mut_ptr(), 2, timeout.as_millis().max(1) as i32) };
+            // Microsecond precision: modelled flash latencies are ~100 µs.
+            let ts = libc::timespec {
+                tv_sec: timeout.as_secs() as libc::time_t,
+                tv_nsec: timeout.subsec_nanos().max(1_000) as libc::c_long,
+            };
+            // SAFETY: two valid pollfds and a valid timespec; no signal mask.
+            unsafe { libc::ppoll(fds.as_mut_ptr(), 2, &ts, std::ptr::null()) };
             let _ = self.wake.read();
         }
         // Stopped (queue deleted or controller reset): the kernel must be

@@ -65,7 +65,8 @@ impl Host {
         Self::with_faults(lba, &[])
     }
 
-    /// A host whose namespace has these faults (in `--fault` syntax).
+    /// A host whose namespace has these faults (in `--fault` syntax; "flash"
+    /// adds the flash latency model instead).
     fn with_faults(lba: u32, faults: &[&str]) -> Self {
         Self::build(lba, faults, Duration::ZERO, false)
     }
@@ -93,8 +94,16 @@ impl Host {
             io_queues: 2,
             poll,
             namespaces: vec![{
-                let ns = Namespace::open_plain(&spec, direct).unwrap();
-                for f in faults {
+                let middle = card_firmware::middle::MiddleConfig {
+                    latency: if faults.contains(&"flash") {
+                        card_firmware::middle::Latency::Flash
+                    } else {
+                        card_firmware::middle::Latency::None
+                    },
+                    ..Default::default()
+                };
+                let ns = Namespace::open(&spec, direct, &middle).unwrap();
+                for f in faults.iter().filter(|f| **f != "flash") {
                     ns.middle.add_fault(f.parse().unwrap()).unwrap();
                 }
                 ns
@@ -1058,4 +1067,26 @@ fn write_zeroes_works_where_the_filesystem_cannot_zero_ranges() {
         h.ns_file().read_exact_at(&mut got, 0).unwrap();
         assert!(got.iter().all(|&b| b == 0), "round {round}");
     }
+}
+
+#[test]
+fn the_flash_latency_model_delays_but_completes_everything() {
+    let mut h = Host::ready_with_faults(512, &["flash"]);
+    let data = pattern(4, 4096);
+    h.mem().write(DATA, &data).unwrap();
+    for i in 0..16 {
+        h.push(1, rw(io::WRITE, i * 8, 8, DATA, DATA + 0x1000));
+    }
+    h.ring(1);
+    let mut seen = 0;
+    for _ in 0..16 {
+        assert_eq!(h.reap(1).status, Status::SUCCESS);
+        seen += 1;
+    }
+    assert_eq!(seen, 16);
+    let mut on_file = vec![0u8; 4096];
+    h.ns_file()
+        .read_exact_at(&mut on_file, 15 * 8 * 512)
+        .unwrap();
+    assert_eq!(on_file, data);
 }
