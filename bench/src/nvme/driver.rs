@@ -10,7 +10,7 @@
 //! register values are checked, and a misbehaving controller is an error.
 
 use std::os::fd::AsRawFd;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{fence, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -19,12 +19,14 @@ use vfio_user::Client;
 use vmm_sys_util::eventfd::{EventFd, EFD_CLOEXEC, EFD_NONBLOCK};
 
 use super::dma::{DmaBuf, DmaMemory, IOVA_BASE};
+pub use super::identify::{ControllerInfo, NamespaceInfo};
 use super::prp;
 use super::queue::{need_event, CidPool, CqState, SqState};
 use super::spec::{
     self, admin, cc, cns, csts, feature, reg, sgl, Cap, Command, Completion, Status, CQE_SIZE,
     PAGE, SQE_SIZE,
 };
+use super::transport::handshake;
 
 /// vfio region and IRQ indexes (linux/vfio.h).
 const BAR0_REGION: u32 = 0;
@@ -120,104 +122,6 @@ impl DriverConfig {
             admin_depth: 32,
             timeout: Duration::from_secs(10),
         }
-    }
-}
-
-/// Identify Controller fields the driver and tests use (figure 247).
-#[derive(Clone, Debug)]
-pub struct ControllerInfo {
-    pub vid: u16,
-    pub ssvid: u16,
-    pub serial: String,
-    pub model: String,
-    pub firmware: String,
-    /// Maximum data transfer size, 2^mdts pages; 0 = no limit.
-    pub mdts: u8,
-    pub cntlid: u16,
-    pub version: u32,
-    pub oacs: u16,
-    pub sqes: u8,
-    pub cqes: u8,
-    pub nn: u32,
-    pub oncs: u16,
-    pub vwc: u8,
-    pub sgls: u32,
-    pub raw: Vec<u8>,
-}
-
-impl ControllerInfo {
-    pub fn parse(p: &[u8]) -> Self {
-        Self {
-            vid: spec::le(p, 0, 2) as u16,
-            ssvid: spec::le(p, 2, 2) as u16,
-            serial: spec::ascii(p, 4, 20),
-            model: spec::ascii(p, 24, 40),
-            firmware: spec::ascii(p, 64, 8),
-            mdts: spec::le(p, 77, 1) as u8,
-            cntlid: spec::le(p, 78, 2) as u16,
-            version: spec::le(p, 80, 4) as u32,
-            oacs: spec::le(p, 256, 2) as u16,
-            sqes: spec::le(p, 512, 1) as u8,
-            cqes: spec::le(p, 513, 1) as u8,
-            nn: spec::le(p, 516, 4) as u32,
-            oncs: spec::le(p, 520, 2) as u16,
-            vwc: spec::le(p, 525, 1) as u8,
-            sgls: spec::le(p, 536, 4) as u32,
-            raw: p.to_vec(),
-        }
-    }
-
-    /// Largest transfer in bytes (None: unlimited).
-    pub fn max_transfer(&self) -> Option<u64> {
-        (self.mdts != 0).then(|| PAGE << self.mdts.min(20))
-    }
-
-    pub fn supports_doorbell_buffer(&self) -> bool {
-        self.oacs & 1 << 8 != 0
-    }
-
-    pub fn supports_sgl(&self) -> bool {
-        self.sgls & 3 != 0
-    }
-}
-
-/// Identify Namespace fields (figure 245).
-#[derive(Clone, Debug)]
-pub struct NamespaceInfo {
-    pub nsid: u32,
-    pub nsze: u64,
-    pub ncap: u64,
-    pub nuse: u64,
-    pub nlbaf: u8,
-    pub flbas: u8,
-    /// Bytes per logical block of the formatted LBA format.
-    pub lba_size: u64,
-    pub raw: Vec<u8>,
-}
-
-impl NamespaceInfo {
-    pub fn parse(nsid: u32, p: &[u8]) -> Self {
-        let flbas = spec::le(p, 26, 1) as u8;
-        let lbaf = spec::le(p, 128 + 4 * usize::from(flbas & 0xf), 4);
-        let lbads = (lbaf >> 16 & 0xff) as u32;
-        Self {
-            nsid,
-            nsze: spec::le(p, 0, 8),
-            ncap: spec::le(p, 8, 8),
-            nuse: spec::le(p, 16, 8),
-            nlbaf: spec::le(p, 25, 1) as u8,
-            flbas,
-            lba_size: if (9..=16).contains(&lbads) {
-                1 << lbads
-            } else {
-                0
-            },
-            raw: p.to_vec(),
-        }
-    }
-
-    pub fn size_bytes(&self) -> u64 {
-        self.nsze.saturating_mul(self.lba_size)
     }
 }
 
@@ -1364,103 +1268,4 @@ fn map_doorbells(bar: &vfio_user::Region) -> Option<MappedDoorbells> {
         len,
         bar_offset: area.offset,
     })
-}
-
-/// Connects and runs the crate's handshake (version, device and region
-/// info) on a helper thread: the crate has no timeouts, and a peer that
-/// accepts but never answers would block `Client::new` for ever. On timeout
-/// the socket is shut down, which ends the blocked read.
-fn handshake(path: &Path, timeout: Duration) -> Result<Client> {
-    let (tx, rx) = std::sync::mpsc::channel();
-    let p = path.to_owned();
-    let worker = std::thread::Builder::new()
-        .name("vfio-user-connect".into())
-        .spawn(move || {
-            let _ = tx.send(Client::new(&p));
-        })
-        .map_err(|e| DriverError::Invalid(format!("cannot start a thread: {e}")))?;
-    let connect_err = |source| DriverError::Connect {
-        path: path.to_owned(),
-        error: source,
-    };
-    match rx.recv_timeout(timeout) {
-        Ok(r) => {
-            let _ = worker.join();
-            let client = r.map_err(connect_err)?;
-            for fd in sockets_connected_to(path) {
-                set_socket_timeouts(fd, timeout);
-            }
-            Ok(client)
-        }
-        Err(_) => {
-            for fd in sockets_connected_to(path) {
-                // SAFETY: shutting down a socket of ours; the fd stays open
-                // until the crate drops its stream.
-                unsafe { libc::shutdown(fd, libc::SHUT_RDWR) };
-            }
-            // The thread's read now fails; let it finish before returning.
-            let _ = rx.recv_timeout(Duration::from_secs(1));
-            Err(DriverError::NoHandshake {
-                path: path.to_owned(),
-                waited: timeout,
-            })
-        }
-    }
-}
-
-/// Our sockets whose peer is bound at `path` (the crate hides its stream).
-fn sockets_connected_to(path: &Path) -> Vec<i32> {
-    let Ok(dir) = std::fs::read_dir("/proc/self/fd") else {
-        return vec![];
-    };
-    let want = path.as_os_str().as_encoded_bytes();
-    let mut fds = Vec::new();
-    for entry in dir.flatten() {
-        let Some(fd) = entry
-            .file_name()
-            .to_str()
-            .and_then(|s| s.parse::<i32>().ok())
-        else {
-            continue;
-        };
-        // SAFETY: a zeroed sockaddr_un is valid; getpeername fills at most len bytes.
-        let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
-        let mut len = std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t;
-        // SAFETY: valid pointers; a non-socket fd just fails.
-        let r = unsafe { libc::getpeername(fd, (&raw mut addr).cast(), &mut len) };
-        if r != 0 || addr.sun_family != libc::AF_UNIX as libc::sa_family_t {
-            continue;
-        }
-        let name: Vec<u8> = addr
-            .sun_path
-            .iter()
-            .take_while(|&&c| c != 0)
-            .map(|&c| c as u8)
-            .collect();
-        if name == want {
-            fds.push(fd);
-        }
-    }
-    fds
-}
-
-/// Bounds each read and write on the socket, so a card that stops
-/// answering is an error rather than a hang.
-fn set_socket_timeouts(fd: i32, timeout: Duration) {
-    let tv = libc::timeval {
-        tv_sec: timeout.as_secs() as libc::time_t,
-        tv_usec: timeout.subsec_micros() as libc::suseconds_t,
-    };
-    for opt in [libc::SO_RCVTIMEO, libc::SO_SNDTIMEO] {
-        // SAFETY: a valid timeval for a socket option.
-        unsafe {
-            libc::setsockopt(
-                fd,
-                libc::SOL_SOCKET,
-                opt,
-                (&raw const tv).cast(),
-                std::mem::size_of::<libc::timeval>() as libc::socklen_t,
-            )
-        };
-    }
 }

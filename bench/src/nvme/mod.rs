@@ -6,9 +6,11 @@
 pub mod compare;
 pub mod dma;
 pub mod driver;
+pub mod identify;
 pub mod load;
 pub mod prp;
 pub mod queue;
 pub mod spec;
+mod transport;
 
 pub use driver::{Controller, DataPointer, DriverConfig, DriverError, IoQueue, NamespaceInfo};
