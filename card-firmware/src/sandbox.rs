@@ -153,6 +153,8 @@ impl Allowlist {
             // Time and randomness.
             SYS_clock_gettime,
             SYS_clock_nanosleep,
+            // A sleep or wait interrupted by a signal resumes through it.
+            SYS_restart_syscall,
             SYS_getrandom,
             // Waiting: epoll, eventfds, timerfds.
             SYS_epoll_create1,
@@ -168,6 +170,10 @@ impl Allowlist {
             SYS_recvfrom,
             SYS_sendto,
             SYS_shutdown,
+            // Metrics files; and glibc opens /proc/sys/vm/overcommit_memory
+            // the first time a thread's malloc arena shrinks (a thread
+            // ending), in whichever thread that is. The jail's root is empty.
+            SYS_openat,
             // Threads that confine themselves further (queue workers).
             SYS_seccomp,
             // The queues' rings.
@@ -252,32 +258,58 @@ fn os(step: impl Into<String>) -> impl FnOnce(io::Error) -> SandboxError {
     move |source| SandboxError::Os { step, source }
 }
 
-/// The filter queue workers put on themselves, on top of the process's:
+/// The filters queue workers put on themselves, on top of the process's:
 /// set once by the card after it enters its sandbox.
-static QUEUE_WORKER_FILTER: OnceLock<BpfProgram> = OnceLock::new();
+static QUEUE_WORKER_FILTERS: OnceLock<Vec<BpfProgram>> = OnceLock::new();
 
 thread_local! {
     static CONFINED: Cell<bool> = const { Cell::new(false) };
 }
 
+/// Calls a confined queue worker may attempt but that fail with EACCES
+/// instead of killing the card: glibc opens
+/// /proc/sys/vm/overcommit_memory the first time a thread's malloc arena
+/// shrinks (a worker ending, say). A worker opens nothing on purpose.
+pub const QUEUE_WORKER_REFUSED: &[(&str, i64)] = &syscalls![SYS_openat];
+
 /// Sets the allowlist of queue-worker threads: the threads that parse what
 /// the guest put in its queues, and so the ones an attacker reaches first.
 /// They need far less than the process (no accept, no new rings, no files).
+/// The calls in [`QUEUE_WORKER_REFUSED`] fail with EACCES.
 pub fn set_queue_worker_allowlist(allowlist: &Allowlist) -> Result<(), SandboxError> {
-    let program = allowlist.compile()?;
-    QUEUE_WORKER_FILTER
-        .set(program)
+    // Two filters: the allowlist (which lets the refused calls through) and
+    // one that answers the refused calls EACCES. The kernel runs both and
+    // takes the stricter answer, so refused calls fail and others pass.
+    let allow = allowlist.clone().with(QUEUE_WORKER_REFUSED).compile()?;
+    let rules: BTreeMap<i64, Vec<seccompiler::SeccompRule>> = QUEUE_WORKER_REFUSED
+        .iter()
+        .map(|&(_, nr)| (nr, Vec::new()))
+        .collect();
+    let arch = TargetArch::try_from(std::env::consts::ARCH)
+        .map_err(|e| SandboxError::Seccomp(e.to_string()))?;
+    let refuse: BpfProgram = SeccompFilter::new(
+        rules,
+        SeccompAction::Allow,
+        SeccompAction::Errno(libc::EACCES as u32),
+        arch,
+    )
+    .and_then(TryInto::try_into)
+    .map_err(|e| SandboxError::Seccomp(e.to_string()))?;
+    QUEUE_WORKER_FILTERS
+        // Installed in this order: once the allowlist is on, installing
+        // another filter (prctl, seccomp) is itself forbidden.
+        .set(vec![refuse, allow])
         .map_err(|_| SandboxError::Seccomp("the queue-worker filter is already set".into()))
 }
 
 /// Called by a queue worker before it touches guest data: installs the
-/// queue-worker filter on this thread, once. Without a sandbox it does
+/// queue-worker filters on this thread, once. Without a sandbox it does
 /// nothing.
 pub fn confine_queue_worker() {
     if CONFINED.with(|c| c.replace(true)) {
         return;
     }
-    if let Some(program) = QUEUE_WORKER_FILTER.get() {
+    for program in QUEUE_WORKER_FILTERS.get().into_iter().flatten() {
         if let Err(e) = seccompiler::apply_filter(program) {
             // Still under the process's filter; say so once.
             tracing::error!(error = %e, "cannot confine a queue worker");
@@ -683,6 +715,46 @@ mod tests {
         assert_eq!(libc::WTERMSIG(status), libc::SIGSYS, "{stderr}");
         let named = format!("{FORBIDDEN_SYSCALL_MESSAGE}{}", libc::SYS_socketpair);
         assert!(stderr.contains(&named), "{stderr}");
+    }
+
+    #[test]
+    fn a_confined_worker_is_refused_files_and_killed_by_the_rest() {
+        let (stdout, status, stderr) = in_child(|say| {
+            enter(&SandboxConfig::default(), &Allowlist::card_base()).unwrap();
+            let worker = Allowlist::from_calls(&syscalls![
+                SYS_write,
+                SYS_rt_sigreturn,
+                SYS_rt_sigprocmask,
+                SYS_tgkill,
+                SYS_getpid,
+                SYS_gettid,
+                SYS_exit_group,
+                SYS_close,
+            ]);
+            set_queue_worker_allowlist(&worker).unwrap();
+            confine_queue_worker();
+            // Refused, not fatal: what glibc's arena trimming meets.
+            let open = std::fs::File::open("/etc/hostname").map_err(|e| e.raw_os_error());
+            say(&format!("open {open:?}"));
+            // Allowed to the process, not to a worker: fatal.
+            // SAFETY: no arguments that matter; the filter stops it.
+            unsafe { libc::eventfd(0, 0) };
+            say("survived");
+        });
+        assert!(
+            stdout.contains(&format!("open Err(Some({}))", libc::EACCES)),
+            "{stdout}{stderr}"
+        );
+        assert!(!stdout.contains("survived"), "{stdout}{stderr}");
+        assert!(libc::WIFSIGNALED(status), "{stderr}");
+        assert_eq!(libc::WTERMSIG(status), libc::SIGSYS, "{stderr}");
+        assert!(
+            stderr.contains(&format!(
+                "{FORBIDDEN_SYSCALL_MESSAGE}{}",
+                libc::SYS_eventfd2
+            )),
+            "{stderr}"
+        );
     }
 
     #[test]

@@ -5,8 +5,9 @@
 use std::fs;
 use std::time::Duration;
 
-use anyhow::{ensure, Result};
+use anyhow::{ensure, Context, Result};
 use cardsim_tests::block_card::BlockCard;
+use cardsim_tests::net_card::{eni_counter, NetCard};
 use cardsim_tests::sandbox::process_jail;
 use cardsim_tests::{Guest, Vmm};
 use sha2::{Digest, Sha256};
@@ -97,5 +98,148 @@ echo CARDSIM-ISOLATION-DONE
     ensure!(fs::read(&vol_b)?
         .windows(SECRET.len())
         .any(|w| w == SECRET.as_bytes()));
+    Ok(())
+}
+
+/// A VPC with three ENIs: A and B have guests, C (10.0.1.12) has none.
+const NET_CONFIG: &str = r#"
+[vpc]
+cidr = "10.0.0.0/16"
+vni = 100
+
+[[subnet]]
+id = "subnet-a"
+cidr = "10.0.1.0/24"
+gateway = "10.0.1.1"
+
+[[security_group]]
+id = "sg-open"
+ingress = [ { proto = "all", cidr = "10.0.0.0/16" } ]
+egress  = [ { proto = "all", cidr = "0.0.0.0/0" } ]
+
+[[eni]]
+id = "eni-a"
+socket = "$DIR/eni-a.sock"
+mac = "02:00:0a:00:01:0a"
+ip = "10.0.1.10"
+subnet = "subnet-a"
+security_groups = ["sg-open"]
+
+[[eni]]
+id = "eni-b"
+socket = "$DIR/eni-b.sock"
+mac = "02:00:0a:00:01:0b"
+ip = "10.0.1.11"
+subnet = "subnet-a"
+security_groups = ["sg-open"]
+
+[[eni]]
+id = "eni-c"
+socket = "$DIR/eni-c.sock"
+mac = "02:00:0a:00:01:0c"
+ip = "10.0.1.12"
+subnet = "subnet-a"
+security_groups = ["sg-open"]
+"#;
+
+/// Guest A, after talking to B as itself, tries to send as ENI C: first
+/// with C's IP address, then with C's MAC address. The card drops every
+/// such frame at A's port and counts it; B receives none of them (its ICMP
+/// echo counter moves only for A's honest pings).
+#[test]
+fn guest_cannot_send_as_another_eni_guest() -> Result<()> {
+    let mut card = NetCard::start(NET_CONFIG, &[])?;
+    let boot = |socket: &std::path::Path, mac: &str, script: &str| {
+        Guest::builder(Vmm::Qemu11)
+            .mem_mib(512)
+            .vhost_user_net(socket, mac, 1)
+            .script(script)
+            .timeout(Duration::from_secs(300))
+            .boot()
+    };
+    // B prints its ICMP counters (the values line of /proc/net/snmp's Icmp
+    // table) every second, for as long as the test needs.
+    let mut b = boot(
+        card.socket("eni-b")?,
+        "02:00:0a:00:01:0b",
+        r#"
+ip link set eth0 up
+ip addr add 10.0.1.11/24 dev eth0
+echo B-UP
+while true; do echo "B-ICMP $(grep '^Icmp:' /proc/net/snmp | tail -1)"; sleep 1; done
+"#,
+    )?;
+    b.wait_for_line("B-UP", Duration::from_secs(200))?;
+    let a = boot(
+        card.socket("eni-a")?,
+        "02:00:0a:00:01:0a",
+        r#"
+ip link set eth0 up
+ip addr add 10.0.1.10/24 dev eth0
+n=0
+until ping -c 1 -W 1 10.0.1.11 > /dev/null 2>&1; do
+    n=$((n + 1))
+    [ $n -lt 30 ] || { echo "no answer from B"; exit 1; }
+done
+ping -c 3 10.0.1.11
+echo "A-HONEST-PINGS $((n + 4))"
+ip addr add 10.0.1.12/32 dev eth0
+ping -c 5 -W 1 -I 10.0.1.12 10.0.1.11 && echo "SPOOFED IP GOT THROUGH"
+ip addr del 10.0.1.12/32 dev eth0
+ip link set eth0 down
+ip link set eth0 address 02:00:0a:00:01:0c
+ip link set eth0 up
+ping -c 5 -W 1 10.0.1.11 && echo "SPOOFED MAC GOT THROUGH"
+echo CARDSIM-SPOOF-DONE
+"#,
+    )?
+    .wait()?;
+    let console = &a.console;
+    ensure!(a.script_rc == Some(0), "guest A failed:\n{console}");
+    ensure!(console.contains("CARDSIM-SPOOF-DONE"), "{console}");
+    ensure!(
+        !console.contains("GOT THROUGH"),
+        "a spoofed frame was answered:\n{console}"
+    );
+    // Every echo request A sent honestly, lost or not (at most this many).
+    let honest: u64 = console
+        .lines()
+        .find_map(|l| l.split("A-HONEST-PINGS ").nth(1)?.trim().parse().ok())
+        .context("guest A did not count its pings")?;
+
+    // B's counters from a line printed after A finished: let B print a
+    // fresh one, then read its console up to the newest (older lines are
+    // still queued: nobody read them while A ran).
+    std::thread::sleep(Duration::from_millis(1500));
+    let mut line = b.wait_for_line("B-ICMP", Duration::from_secs(10))?;
+    while let Ok(newer) = b.wait_for_line("B-ICMP", Duration::from_millis(300)) {
+        line = newer;
+    }
+    // Icmp: InMsgs InErrors InCsumErrors InDestUnreachs InTimeExcds
+    // InParmProbs InSrcQuenchs InRedirects InEchos …
+    let echos: u64 = line
+        .split("Icmp:")
+        .nth(1)
+        .and_then(|v| v.split_whitespace().nth(8)?.parse().ok())
+        .with_context(|| format!("no InEchos in {line:?}"))?;
+
+    card.check_alive()?;
+    let metrics = card.metrics()?;
+    let spoofed_ip = eni_counter(&metrics, "eni-a", "spoofed_ip").context("spoofed_ip counter")?;
+    let spoofed_mac =
+        eni_counter(&metrics, "eni-a", "spoofed_mac").context("spoofed_mac counter")?;
+    eprintln!("B received {echos} echo requests of A's {honest} honest ones; eni-a spoofed_ip {spoofed_ip}, spoofed_mac {spoofed_mac}");
+    ensure!(
+        spoofed_ip >= 5,
+        "only {spoofed_ip} spoofed-IP frames counted: {metrics}"
+    );
+    ensure!(
+        spoofed_mac >= 5,
+        "only {spoofed_mac} spoofed-MAC frames counted: {metrics}"
+    );
+    ensure!(
+        (4..=honest).contains(&echos),
+        "B received {echos} echo requests; A sent {honest} honest ones and 10 spoofed"
+    );
     Ok(())
 }
