@@ -51,3 +51,54 @@ fn compare_net_guests_argument_errors_exit_2() {
     assert_usage_error(&["compare-net-guests", "--streams", "99"], "--streams");
     assert_usage_error(&["compare-net-guests", "--streams", "-1"], "-1");
 }
+
+/// One short pass of compare-net against both backends: the harness starts
+/// testpmd and the card, frames go through both, and the JSON has a ratio.
+#[test]
+fn compare_net_quick_pass_measures_both_backends() {
+    let card =
+        std::path::Path::new(env!("CARGO_BIN_EXE_cardbench")).with_file_name("vhost-net-backend");
+    assert!(
+        card.exists() || std::env::var_os("CARDSIM_BIN_DIR").is_some(),
+        "{} missing: cargo build -p vhost-net-backend --bins",
+        card.display()
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let out = cardbench(&[
+        "compare-net",
+        "--quick",
+        "--backend",
+        "card,dpdk-vhost",
+        "--mode",
+        "txonly",
+        "--frame-size",
+        "64",
+        "--runtime",
+        "500ms",
+        "--results",
+        dir.path().to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{:?}: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = std::fs::read_to_string(dir.path().join("results.json")).unwrap();
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let cell = &v["cells"][0];
+    assert_eq!(cell["frame_size"], 64);
+    for key in ["median_card_mpps", "median_dpdk_mpps", "ratio"] {
+        let x = cell[key].as_f64().unwrap();
+        assert!(x > 0.0, "{key} = {x}: {text}");
+    }
+    assert!(cell["card_poll"].as_array().unwrap().is_empty());
+    // The card's counters of the run: every frame came from ENI A.
+    let m: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.path().join("card-metrics-txonly-64.json")).unwrap(),
+    )
+    .unwrap();
+    let a = &m["enis"][0];
+    assert_eq!(a["id"], "eni-a");
+    assert!(a["tx_packets"].as_u64().unwrap() > 0, "{m}");
+}
