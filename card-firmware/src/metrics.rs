@@ -18,6 +18,22 @@ pub fn write_snapshot(path: &Path, snapshot: &serde_json::Value) -> std::io::Res
     std::fs::rename(&tmp, path)
 }
 
+/// `path` made absolute, in its real folder: a card writes its metrics by
+/// name (write beside, then rename) after it has jailed itself, from the
+/// jail's root, so a relative path or a symlinked folder would not do.
+pub fn absolute_path(path: &Path) -> std::io::Result<PathBuf> {
+    let absolute = std::path::absolute(path)?;
+    let (Some(dir), Some(name)) = (absolute.parent(), absolute.file_name()) else {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("{} is not a file path", path.display()),
+        ));
+    };
+    let dir = std::fs::canonicalize(dir)
+        .map_err(|e| std::io::Error::new(e.kind(), format!("folder {}: {e}", dir.display())))?;
+    Ok(dir.join(name))
+}
+
 /// Starts a thread that writes `snapshot()` to `path` every `interval`.
 pub fn spawn_writer<F>(path: PathBuf, interval: Duration, snapshot: F) -> std::io::Result<()>
 where

@@ -27,6 +27,31 @@ pub struct Completion {
     pub result: i32,
 }
 
+/// A ring of `entries` built by `builder`, restricted to `operations`
+/// (io_uring opcodes) and submission `flags`: born disabled, `before_enable`
+/// registers what it must (no register operation is allowed afterwards),
+/// then restricted and enabled. An operation outside the list completes with
+/// -EACCES.
+pub fn restricted_ring(
+    builder: &mut io_uring::Builder,
+    entries: u32,
+    operations: &[u8],
+    flags: squeue::Flags,
+    before_enable: impl FnOnce(&IoUring) -> io::Result<()>,
+) -> io::Result<IoUring> {
+    let ring = builder.setup_r_disabled().build(entries)?;
+    before_enable(&ring)?;
+    let mut restrictions: Vec<Restriction> = operations
+        .iter()
+        .map(|&op| Restriction::sqe_op(op))
+        .collect();
+    restrictions.push(Restriction::sqe_flags_allowed(flags.bits()));
+    let submitter = ring.submitter();
+    submitter.register_restrictions(&mut restrictions)?;
+    submitter.register_enable_rings()?;
+    Ok(ring)
+}
+
 /// What a queue's ring does to a volume's media: vectored and plain reads
 /// and writes, fsync for flushes, fallocate for discard and write-zeroes
 /// (and no-ops).
@@ -62,22 +87,18 @@ impl QueueRing {
         operations: &[u8],
         flags: squeue::Flags,
     ) -> io::Result<Self> {
-        let ring = IoUring::builder()
-            .setup_cqsize(depth.saturating_mul(2).max(8))
-            .setup_r_disabled()
-            .build(depth.max(4))?;
         let completion_event = EventFd::new(EFD_NONBLOCK)?;
-        let submitter = ring.submitter();
-        submitter.register_eventfd(completion_event.as_raw_fd())?;
-        // No register operation is allowed once enabled: the eventfd above
-        // is all a queue needs.
-        let mut restrictions: Vec<Restriction> = operations
-            .iter()
-            .map(|&op| Restriction::sqe_op(op))
-            .collect();
-        restrictions.push(Restriction::sqe_flags_allowed(flags.bits()));
-        submitter.register_restrictions(&mut restrictions)?;
-        submitter.register_enable_rings()?;
+        let ring = restricted_ring(
+            IoUring::builder().setup_cqsize(depth.saturating_mul(2).max(8)),
+            depth.max(4),
+            operations,
+            flags,
+            |ring| {
+                ring.submitter()
+                    .register_eventfd(completion_event.as_raw_fd())
+                    .map(drop)
+            },
+        )?;
         Ok(Self {
             ring,
             completion_event,

@@ -52,6 +52,14 @@ impl NetCard {
             "the card's config has no [[eni]] with a socket"
         );
         let control = dir.path().join("control.sock");
+        // The card jails itself as nobody and rewrites its metrics file by
+        // name: the folder must be that uid's (root still reaches it).
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } == 0 {
+            let nobody = card_firmware::sandbox::DEFAULT_ID;
+            std::os::unix::fs::chown(dir.path(), Some(nobody), Some(nobody))
+                .context("giving the card's folder to nobody")?;
+        }
         let metrics_file = dir.path().join("metrics.json");
         let child = Command::new(card_binary("vhost-net-backend")?)
             .arg("--config")

@@ -255,7 +255,11 @@ fn run(args: Args) -> Result<(), Failure> {
     let metrics_path = args
         .metrics
         .as_deref()
-        .map(absolute_metrics_path)
+        .map(|p| {
+            metrics::absolute_path(p)
+                .with_context(|| format!("--metrics {}", p.display()))
+                .map_err(Failure::Config)
+        })
         .transpose()?;
     let writable = metrics_path
         .iter()
@@ -307,24 +311,6 @@ fn run(args: Args) -> Result<(), Failure> {
         BlockDevice::new(volume.clone(), memory).map_err(|e| e.to_string())
     })
     .map_err(|e| Failure::Runtime(e.into()))
-}
-
-/// The metrics file by an absolute path in a real folder: the card writes
-/// it by name (write, then rename) after it is jailed, from the root.
-fn absolute_metrics_path(path: &std::path::Path) -> Result<PathBuf, Failure> {
-    let absolute = std::path::absolute(path)
-        .with_context(|| format!("--metrics {}", path.display()))
-        .map_err(Failure::Config)?;
-    let (Some(dir), Some(name)) = (absolute.parent(), absolute.file_name()) else {
-        return Err(Failure::Config(anyhow::anyhow!(
-            "--metrics {}: not a file path",
-            path.display()
-        )));
-    };
-    let dir = std::fs::canonicalize(dir)
-        .with_context(|| format!("--metrics {}: no folder {}", path.display(), dir.display()))
-        .map_err(Failure::Config)?;
-    Ok(dir.join(name))
 }
 
 /// Fires power cuts and crashes when their time comes, whether or not the

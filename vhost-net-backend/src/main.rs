@@ -15,6 +15,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::Parser;
 
+use card_firmware::sandbox::SandboxArgs;
 use card_firmware::{control, metrics, vhost};
 use vhost_net_backend::card::Card;
 use vhost_net_backend::control::NetControl;
@@ -47,6 +48,8 @@ struct Args {
     /// Seed of every random choice the card makes.
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    #[command(flatten)]
+    sandbox: SandboxArgs,
 }
 
 fn main() -> ExitCode {
@@ -138,11 +141,58 @@ fn run(args: Args) -> Result<(), Failure> {
     card.poll = Duration::from_micros(args.poll_us);
     let card = Arc::new(card);
 
-    if let Some(path) = &args.control {
-        control::spawn(path, Arc::new(NetControl { card: card.clone() }))
-            .map_err(|e| Failure::Config(e.into()))?;
+    // Everything that needs a path or a privilege happens before the card
+    // jails itself: every port's socket listening, the control socket bound,
+    // the VXLAN socket and the tap open. Threads start after, so they inherit
+    // the jail.
+    let mut listeners = Vec::new();
+    for port in &card.ports {
+        let listener = vhost::listen(&port.eni.socket)
+            .with_context(|| format!("eni {}", port.eni.id))
+            .map_err(Failure::Config)?;
+        listeners.push((port.clone(), listener));
     }
-    if let Some(path) = args.metrics.clone() {
+    let control = match &args.control {
+        Some(path) => Some(control::bind(path).map_err(|e| Failure::Config(e.into()))?),
+        None => None,
+    };
+    let metrics_path = args
+        .metrics
+        .as_deref()
+        .map(|p| {
+            metrics::absolute_path(p)
+                .with_context(|| format!("--metrics {}", p.display()))
+                .map_err(Failure::Config)
+        })
+        .transpose()?;
+    let writable = metrics_path
+        .iter()
+        .filter_map(|p| p.parent().map(PathBuf::from))
+        .collect();
+    if let Some(jail) = args
+        .sandbox
+        .enter(writable, &vhost_net_backend::sandbox::allowlist())
+        .map_err(|e| Failure::Config(e.into()))?
+    {
+        card_firmware::sandbox::set_queue_worker_allowlist(
+            &vhost_net_backend::sandbox::queue_worker_allowlist(),
+        )
+        .map_err(|e| Failure::Runtime(e.into()))?;
+        tracing::info!(
+            uid = jail.uid,
+            gid = jail.gid,
+            private_root = jail.private_root,
+            syscalls = jail.syscalls,
+            "sandbox entered"
+        );
+    }
+
+    if let Some(control) = control {
+        control
+            .serve(Arc::new(NetControl { card: card.clone() }))
+            .map_err(|e| Failure::Runtime(e.into()))?;
+    }
+    if let Some(path) = metrics_path {
         let c = card.clone();
         metrics::spawn_writer(path.clone(), Duration::from_secs(1), move || c.snapshot())
             .with_context(|| format!("cannot write metrics to {}", path.display()))
@@ -178,35 +228,23 @@ fn run(args: Args) -> Result<(), Failure> {
     }
 
     let mut threads = Vec::new();
-    for port in card.ports.clone() {
+    for (port, listener) in listeners {
         let card = card.clone();
         let name = format!("port-{}", port.eni.id);
         let handle = std::thread::Builder::new()
             .name(name)
             .spawn(move || {
-                let socket = port.eni.socket.clone();
-                let announce = {
-                    let port = port.clone();
-                    move || {
-                        tracing::info!(
-                            eni = port.eni.id,
-                            socket = %port.eni.socket.display(),
-                            mac = %port.eni.mac,
-                            ip = %port.eni.ip,
-                            queue_pairs = port.eni.queue_pairs,
-                            "port listening"
-                        )
-                    }
-                };
-                vhost::serve_forever(
-                    "vhost-net-backend",
-                    &socket,
-                    |memory| {
-                        PortDevice::new(card.clone(), port.clone(), memory)
-                            .map_err(|e| e.to_string())
-                    },
-                    announce,
-                )
+                tracing::info!(
+                    eni = port.eni.id,
+                    socket = %port.eni.socket.display(),
+                    mac = %port.eni.mac,
+                    ip = %port.eni.ip,
+                    queue_pairs = port.eni.queue_pairs,
+                    "port listening"
+                );
+                vhost::serve("vhost-net-backend", listener, |memory| {
+                    PortDevice::new(card.clone(), port.clone(), memory).map_err(|e| e.to_string())
+                })
                 .with_context(|| format!("eni {}", port.eni.id))
             })
             .map_err(|e| Failure::Runtime(e.into()))?;
