@@ -258,6 +258,26 @@ fn os(step: impl Into<String>) -> impl FnOnce(io::Error) -> SandboxError {
     move |source| SandboxError::Os { step, source }
 }
 
+/// The allowlist a document gives between `<!-- BEGIN name -->` and
+/// `<!-- END name -->`, one backquoted call name each, sorted: each card's
+/// tests compare docs/SECURITY.md with its code through this.
+pub fn documented_allowlist(doc: &str, name: &str) -> Vec<String> {
+    let begin = format!("<!-- BEGIN {name} -->");
+    let end = format!("<!-- END {name} -->");
+    let Some(start) = doc.find(&begin).map(|i| i + begin.len()) else {
+        return Vec::new();
+    };
+    let stop = doc[start..].find(&end).map_or(doc.len(), |i| i + start);
+    let mut names: Vec<String> = doc[start..stop]
+        .split('`')
+        .skip(1)
+        .step_by(2)
+        .map(str::to_owned)
+        .collect();
+    names.sort();
+    names
+}
+
 /// The filters queue workers put on themselves, on top of the process's:
 /// set once by the card after it enters its sandbox.
 static QUEUE_WORKER_FILTERS: OnceLock<Vec<BpfProgram>> = OnceLock::new();

@@ -92,6 +92,26 @@ pub fn queue_worker_allowlist() -> Allowlist {
 
 #[cfg(test)]
 mod tests {
+    use card_firmware::sandbox::documented_allowlist;
+
+    const SECURITY_MD: &str = include_str!("../../docs/SECURITY.md");
+
+    #[test]
+    fn security_md_lists_the_process_allowlist() {
+        assert_eq!(
+            documented_allowlist(SECURITY_MD, "nvme-emulator process"),
+            allowlist().names()
+        );
+    }
+
+    #[test]
+    fn security_md_lists_the_queue_worker_allowlist() {
+        assert_eq!(
+            documented_allowlist(SECURITY_MD, "nvme-emulator queue worker"),
+            queue_worker_allowlist().names()
+        );
+    }
+
     use super::*;
 
     #[test]

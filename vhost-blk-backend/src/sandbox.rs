@@ -63,34 +63,22 @@ pub fn queue_worker_allowlist() -> Allowlist {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use card_firmware::sandbox::documented_allowlist;
 
-    /// The allowlist in docs/SECURITY.md between `<!-- BEGIN name -->` and
-    /// `<!-- END name -->`, one call per backquoted word.
-    fn documented(name: &str) -> Vec<String> {
-        let doc = include_str!("../../docs/SECURITY.md");
-        let begin = format!("<!-- BEGIN {name} -->");
-        let end = format!("<!-- END {name} -->");
-        let start = doc.find(&begin).expect("begin marker") + begin.len();
-        let stop = doc[start..].find(&end).expect("end marker") + start;
-        let mut names: Vec<String> = doc[start..stop]
-            .split('`')
-            .skip(1)
-            .step_by(2)
-            .map(str::to_owned)
-            .collect();
-        names.sort();
-        names
-    }
+    const SECURITY_MD: &str = include_str!("../../docs/SECURITY.md");
 
     #[test]
     fn security_md_lists_the_process_allowlist() {
-        assert_eq!(documented("vhost-blk-backend process"), allowlist().names());
+        assert_eq!(
+            documented_allowlist(SECURITY_MD, "vhost-blk-backend process"),
+            allowlist().names()
+        );
     }
 
     #[test]
     fn security_md_lists_the_queue_worker_allowlist() {
         assert_eq!(
-            documented("vhost-blk-backend queue worker"),
+            documented_allowlist(SECURITY_MD, "vhost-blk-backend queue worker"),
             queue_worker_allowlist().names()
         );
     }

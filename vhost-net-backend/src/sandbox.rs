@@ -39,7 +39,10 @@ pub fn queue_worker_allowlist() -> Allowlist {
         SYS_read,
         SYS_write,
         SYS_close,
+        // Debug builds of std check a descriptor they close (F_GETFD).
+        SYS_fcntl,
         SYS_epoll_wait,
+        SYS_restart_syscall,
         SYS_io_uring_enter,
         SYS_timerfd_settime,
         SYS_futex,
@@ -69,6 +72,26 @@ pub fn queue_worker_allowlist() -> Allowlist {
 
 #[cfg(test)]
 mod tests {
+    use card_firmware::sandbox::documented_allowlist;
+
+    const SECURITY_MD: &str = include_str!("../../docs/SECURITY.md");
+
+    #[test]
+    fn security_md_lists_the_process_allowlist() {
+        assert_eq!(
+            documented_allowlist(SECURITY_MD, "vhost-net-backend process"),
+            allowlist().names()
+        );
+    }
+
+    #[test]
+    fn security_md_lists_the_queue_worker_allowlist() {
+        assert_eq!(
+            documented_allowlist(SECURITY_MD, "vhost-net-backend queue worker"),
+            queue_worker_allowlist().names()
+        );
+    }
+
     use super::*;
 
     #[test]
