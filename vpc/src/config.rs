@@ -1,6 +1,6 @@
 //! The networking card's configuration: the TOML of issue 4 item 1, parsed with serde and the `toml` crate,
 //! then validated into typed values. Every error names the key (`eni[1] (eni-0b2).ip`) and the problem.
-//! Keys are documented in `vpc/README-config.md`.
+//! Keys are documented in the top-level README ("The VPC config file").
 use crate::addr::{Ipv4Cidr, MacAddr};
 use hw_model::token_bucket::{BucketConfig, RateLimiter, RateLimiterConfig};
 use serde::Deserialize;

@@ -1,7 +1,7 @@
 //! The VPC switch: one port per ENI, plus VXLAN to remote hosts and an optional uplink. It decides what
 //! happens to each frame and returns a [`Verdict`]; the card process moves the bytes.
 //!
-//! Routing model (documented in README-config.md):
+//! Routing model (documented in the top-level README, "Forwarding model"):
 //! - Within a subnet, guests reach each other at L2: the card answers ARP for a peer ENI with the peer's own
 //!   MAC and delivers frames unchanged.
 //! - Across subnets, to `[[remote]]`s and to the uplink, guests send to their gateway, whose MAC is the card's
