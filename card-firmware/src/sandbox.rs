@@ -94,6 +94,45 @@ impl SandboxArgs {
     }
 }
 
+impl SandboxArgs {
+    /// What every card does once its sockets are bound and its media open:
+    /// makes `metrics` (the `--metrics` path, if any) absolute, so it can be
+    /// written from inside the jail; enters the sandbox with that file's
+    /// folder writable and `process` as the allowlist (unless
+    /// `--no-sandbox`); sets `queue_worker` as what queue workers confine
+    /// themselves to; logs what was done. Returns the absolute metrics path.
+    pub fn jail_card(
+        &self,
+        metrics: Option<&Path>,
+        process: &Allowlist,
+        queue_worker: &Allowlist,
+    ) -> Result<Option<PathBuf>, SandboxError> {
+        let metrics = metrics
+            .map(|p| {
+                crate::metrics::absolute_path(p).map_err(|source| SandboxError::Os {
+                    step: format!("--metrics {}", p.display()),
+                    source,
+                })
+            })
+            .transpose()?;
+        let writable = metrics
+            .iter()
+            .filter_map(|p| p.parent().map(PathBuf::from))
+            .collect();
+        if let Some(jail) = self.enter(writable, process)? {
+            set_queue_worker_allowlist(queue_worker)?;
+            tracing::info!(
+                uid = jail.uid,
+                gid = jail.gid,
+                private_root = jail.private_root,
+                syscalls = jail.syscalls,
+                "sandbox entered"
+            );
+        }
+        Ok(metrics)
+    }
+}
+
 /// The system calls a card may make, by name so they can be documented.
 #[derive(Debug, Clone)]
 pub struct Allowlist {
@@ -180,6 +219,46 @@ impl Allowlist {
             SYS_io_uring_setup,
             SYS_io_uring_enter,
             SYS_io_uring_register,
+        ];
+        Allowlist {
+            calls: calls.to_vec(),
+        }
+    }
+
+    /// What any queue worker needs besides waiting on its own descriptors:
+    /// reading and writing them (eventfds), memory, thread housekeeping and
+    /// its end, time, the SIGSYS report. A card adds how its worker waits
+    /// and enters its ring.
+    pub fn queue_worker_base() -> Self {
+        let calls = syscalls![
+            SYS_read,
+            SYS_write,
+            SYS_close,
+            // Debug builds of std check a descriptor they close (F_GETFD).
+            SYS_fcntl,
+            SYS_futex,
+            SYS_mmap,
+            SYS_munmap,
+            SYS_mprotect,
+            SYS_madvise,
+            SYS_mremap,
+            SYS_brk,
+            SYS_getrandom,
+            SYS_clock_gettime,
+            SYS_clock_nanosleep,
+            SYS_restart_syscall,
+            SYS_sched_yield,
+            SYS_sched_getaffinity,
+            SYS_gettid,
+            SYS_getpid,
+            SYS_prctl,
+            SYS_rseq,
+            SYS_set_robust_list,
+            SYS_sigaltstack,
+            SYS_rt_sigprocmask,
+            SYS_rt_sigreturn,
+            SYS_tgkill,
+            SYS_exit,
         ];
         Allowlist {
             calls: calls.to_vec(),

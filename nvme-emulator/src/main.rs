@@ -203,31 +203,13 @@ fn run(args: Args) -> Result<(), Failure> {
     // they inherit the jail.
     let server = server::listen(&ctrl, &args.socket).map_err(|e| Failure::Config(e.into()))?;
     let metrics_path = args
-        .metrics
-        .as_deref()
-        .map(absolute_metrics_path)
-        .transpose()?;
-    let writable = metrics_path
-        .iter()
-        .filter_map(|p| p.parent().map(PathBuf::from))
-        .collect();
-    if let Some(jail) = args
         .sandbox
-        .enter(writable, &nvme_emulator::sandbox::allowlist())
-        .map_err(|e| Failure::Config(e.into()))?
-    {
-        card_firmware::sandbox::set_queue_worker_allowlist(
+        .jail_card(
+            args.metrics.as_deref(),
+            &nvme_emulator::sandbox::allowlist(),
             &nvme_emulator::sandbox::queue_worker_allowlist(),
         )
-        .map_err(|e| Failure::Runtime(e.into()))?;
-        tracing::info!(
-            uid = jail.uid,
-            gid = jail.gid,
-            private_root = jail.private_root,
-            syscalls = jail.syscalls,
-            "sandbox entered"
-        );
-    }
+        .map_err(|e| Failure::Config(e.into()))?;
     if let Some(path) = metrics_path {
         let c = ctrl.clone();
         metrics::spawn_writer(path.clone(), Duration::from_secs(1), move || c.snapshot())
@@ -250,24 +232,6 @@ fn run(args: Args) -> Result<(), Failure> {
         "NVMe card listening"
     );
     server::serve(ctrl, server).map_err(|e| Failure::Runtime(e.into()))
-}
-
-/// The metrics path made absolute with its folder resolved, so it still
-/// names the same place inside the jail.
-fn absolute_metrics_path(path: &std::path::Path) -> Result<PathBuf, Failure> {
-    let absolute = std::path::absolute(path)
-        .with_context(|| format!("--metrics {}", path.display()))
-        .map_err(Failure::Config)?;
-    let (Some(dir), Some(name)) = (absolute.parent(), absolute.file_name()) else {
-        return Err(Failure::Config(anyhow::anyhow!(
-            "--metrics {}: not a file path",
-            path.display()
-        )));
-    };
-    let dir = std::fs::canonicalize(dir)
-        .with_context(|| format!("--metrics {}: no folder {}", path.display(), dir.display()))
-        .map_err(Failure::Config)?;
-    Ok(dir.join(name))
 }
 
 #[cfg(test)]

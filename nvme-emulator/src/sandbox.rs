@@ -50,43 +50,11 @@ pub fn allowlist() -> Allowlist {
 /// eventfds, enter its ring, signal MSI-X eventfds, allocate, log, and end
 /// (dropping its ring).
 pub fn queue_worker_allowlist() -> Allowlist {
-    Allowlist::from_calls(&syscalls![
-        SYS_read,
-        SYS_write,
-        SYS_close,
-        // Debug builds of std check that a descriptor they close is open
-        // (fcntl F_GETFD) when the worker drops its ring and eventfd.
-        SYS_fcntl,
-        // glibc reads /proc/sys/vm/overcommit_memory the first time a
-        // thread's malloc arena shrinks (a worker freeing its slots as it
-        // ends). Inside the jail there is no /proc: the open fails, harmlessly.
-        SYS_openat,
+    Allowlist::queue_worker_base().with(&syscalls![
+        // Doorbell and completion waits use poll(2).
         SYS_poll,
         SYS_ppoll,
-        SYS_restart_syscall,
         SYS_io_uring_enter,
-        SYS_futex,
-        SYS_mmap,
-        SYS_munmap,
-        SYS_mprotect,
-        SYS_madvise,
-        SYS_mremap,
-        SYS_brk,
-        SYS_getrandom,
-        SYS_clock_gettime,
-        SYS_clock_nanosleep,
-        SYS_sched_yield,
-        SYS_sched_getaffinity,
-        SYS_gettid,
-        SYS_getpid,
-        SYS_prctl,
-        SYS_rseq,
-        SYS_set_robust_list,
-        SYS_sigaltstack,
-        SYS_rt_sigprocmask,
-        SYS_rt_sigreturn,
-        SYS_tgkill,
-        SYS_exit,
     ])
 }
 

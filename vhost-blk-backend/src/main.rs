@@ -253,35 +253,13 @@ fn run(args: Args) -> Result<(), Failure> {
     };
     let listener = vhost::listen(&args.socket).map_err(|e| Failure::Config(e.into()))?;
     let metrics_path = args
-        .metrics
-        .as_deref()
-        .map(|p| {
-            metrics::absolute_path(p)
-                .with_context(|| format!("--metrics {}", p.display()))
-                .map_err(Failure::Config)
-        })
-        .transpose()?;
-    let writable = metrics_path
-        .iter()
-        .filter_map(|p| p.parent().map(PathBuf::from))
-        .collect();
-    if let Some(jail) = args
         .sandbox
-        .enter(writable, &vhost_blk_backend::sandbox::allowlist())
-        .map_err(|e| Failure::Config(e.into()))?
-    {
-        card_firmware::sandbox::set_queue_worker_allowlist(
+        .jail_card(
+            args.metrics.as_deref(),
+            &vhost_blk_backend::sandbox::allowlist(),
             &vhost_blk_backend::sandbox::queue_worker_allowlist(),
         )
-        .map_err(|e| Failure::Runtime(e.into()))?;
-        tracing::info!(
-            uid = jail.uid,
-            gid = jail.gid,
-            private_root = jail.private_root,
-            syscalls = jail.syscalls,
-            "sandbox entered"
-        );
-    }
+        .map_err(|e| Failure::Config(e.into()))?;
 
     if let Some(control) = control {
         control

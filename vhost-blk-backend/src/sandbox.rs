@@ -24,39 +24,12 @@ pub fn allowlist() -> Allowlist {
 /// timer; enter its ring; read back old data for the power-cut undo log;
 /// signal the guest; allocate; log; and end.
 pub fn queue_worker_allowlist() -> Allowlist {
-    Allowlist::from_calls(&syscalls![
-        SYS_read,
-        SYS_write,
-        SYS_pread64,
-        SYS_close,
-        // Debug builds of std check a descriptor they close (F_GETFD).
-        SYS_fcntl,
+    Allowlist::queue_worker_base().with(&syscalls![
         SYS_epoll_wait,
-        SYS_restart_syscall,
         SYS_io_uring_enter,
         SYS_timerfd_settime,
-        SYS_futex,
-        SYS_mmap,
-        SYS_munmap,
-        SYS_mprotect,
-        SYS_madvise,
-        SYS_mremap,
-        SYS_brk,
-        SYS_getrandom,
-        SYS_clock_gettime,
-        SYS_clock_nanosleep,
-        SYS_sched_yield,
-        SYS_sched_getaffinity,
-        SYS_gettid,
-        SYS_getpid,
-        SYS_prctl,
-        SYS_rseq,
-        SYS_set_robust_list,
-        SYS_sigaltstack,
-        SYS_rt_sigprocmask,
-        SYS_rt_sigreturn,
-        SYS_tgkill,
-        SYS_exit,
+        // Old data for the power-cut undo log.
+        SYS_pread64,
     ])
 }
 
