@@ -47,7 +47,7 @@ impl std::str::FromStr for NamespaceSpec {
                 .split_once('=')
                 .ok_or_else(|| format!("{part:?} is not key=value (size=, lba=)"))?;
             match key {
-                "size" => spec.size = Some(parse_size(value)?),
+                "size" => spec.size = Some(card_firmware::media::parse_size(value)?),
                 "lba" => {
                     spec.lba_size = match value {
                         "512" => 512,
@@ -68,30 +68,6 @@ impl std::str::FromStr for NamespaceSpec {
         }
         Ok(spec)
     }
-}
-
-/// A size in bytes with an optional binary suffix K, M, G or T.
-pub fn parse_size(text: &str) -> Result<u64, String> {
-    let text = text.trim();
-    let (digits, shift) = match text.char_indices().last() {
-        Some((i, c)) if c.is_ascii_alphabetic() => {
-            let shift = match c.to_ascii_uppercase() {
-                'K' => 10,
-                'M' => 20,
-                'G' => 30,
-                'T' => 40,
-                _ => return Err(format!("unknown size suffix {c:?} (use K, M, G or T)")),
-            };
-            (&text[..i], shift)
-        }
-        _ => (text, 0),
-    };
-    let value: u64 = digits
-        .parse()
-        .map_err(|_| format!("{text:?} is not a size in bytes"))?;
-    value
-        .checked_mul(1 << shift)
-        .ok_or_else(|| format!("{text:?} is too large"))
 }
 
 /// An open namespace.

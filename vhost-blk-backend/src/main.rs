@@ -38,7 +38,7 @@ struct Args {
     backing: PathBuf,
     /// Capacity in bytes (suffixes K, M, G, T accepted); grows the file
     /// sparsely if larger, refused if smaller than it. Default: the file's length.
-    #[arg(long, value_parser = parse_size)]
+    #[arg(long, value_parser = card_firmware::media::parse_size)]
     size: Option<u64>,
     /// Number of virtqueues (request queues), 1–64.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64))]
@@ -103,29 +103,6 @@ fn parse_latency(text: &str) -> Result<Latency, String> {
 
 fn parse_fault(text: &str) -> Result<FaultSpec, String> {
     text.parse().map_err(|e| format!("{e}"))
-}
-
-fn parse_size(text: &str) -> Result<u64, String> {
-    let text = text.trim();
-    let (digits, shift) = match text.char_indices().last() {
-        Some((i, c)) if c.is_ascii_alphabetic() => {
-            let shift = match c.to_ascii_uppercase() {
-                'K' => 10,
-                'M' => 20,
-                'G' => 30,
-                'T' => 40,
-                _ => return Err(format!("unknown size suffix {c:?} (use K, M, G or T)")),
-            };
-            (&text[..i], shift)
-        }
-        _ => (text, 0),
-    };
-    let value: u64 = digits
-        .parse()
-        .map_err(|_| format!("{text:?} is not a size in bytes"))?;
-    value
-        .checked_mul(1 << shift)
-        .ok_or_else(|| format!("{text:?} is too large"))
 }
 
 fn parse_queue_size(text: &str) -> Result<u16, String> {
@@ -331,16 +308,6 @@ const POWER_CUT_EXIT: i32 = 75;
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn sizes_take_binary_suffixes() {
-        assert_eq!(parse_size("4096"), Ok(4096));
-        assert_eq!(parse_size("1G"), Ok(1 << 30));
-        assert_eq!(parse_size("8m"), Ok(8 << 20));
-        assert!(parse_size("1X").is_err());
-        assert!(parse_size("99999999999T").is_err());
-        assert!(parse_size("").is_err());
-    }
 
     #[test]
     fn queue_sizes_are_powers_of_two() {
