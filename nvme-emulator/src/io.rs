@@ -243,8 +243,12 @@ impl IoWorker {
                 continue;
             }
             // Idle: publish the event index, then look once more so a tail
-            // written just before it is not missed.
-            if let Some(tail) = self.ctrl.sq_tail(self.q.qid, &mem) {
+            // written just before it is not missed. Not while commands are
+            // in flight: their completions wake this worker anyway, and it
+            // reads the shadow tail then, so the driver need not ring (each
+            // ring is a trapped write, a round trip through the socket).
+            let busy = self.ring.in_flight() > 0;
+            if let Some(tail) = self.ctrl.sq_tail(self.q.qid, &mem).filter(|_| !busy) {
                 if self.ctrl.doorbell_buffers().is_some() {
                     self.ctrl.set_sq_event_index(self.q.qid, tail, &mem);
                     fence(Ordering::SeqCst);
