@@ -115,7 +115,8 @@ pub struct Metrics {
 }
 
 impl Metrics {
-    fn from_fio(out: &FioOutput, rw: Rw) -> Self {
+    /// The first job's figures for `rw`'s direction from fio-shaped output.
+    pub(crate) fn from_fio(out: &FioOutput, rw: Rw) -> Self {
         let job = out.jobs.first().cloned().unwrap_or_default();
         let d: &FioDir = if rw.reads() { &job.read } else { &job.write };
         let us = |ns: Option<u64>| ns.unwrap_or(0) as f64 / 1000.0;
@@ -127,6 +128,27 @@ impl Metrics {
             p999_us: us(d.clat_ns.pct(99.9)),
             max_us: d.clat_ns.max as f64 / 1000.0,
             cpu_us_per_io: out.cardbench.as_ref().and_then(|c| c.backend_cpu_us_per_io),
+        }
+    }
+}
+
+impl Metrics {
+    /// The median of each figure over `runs` (the backend CPU only if every
+    /// run has it).
+    pub(crate) fn median_of(runs: &[Metrics]) -> Metrics {
+        Metrics {
+            iops: median(runs.iter().map(|r| r.iops)),
+            mib_s: median(runs.iter().map(|r| r.mib_s)),
+            p50_us: median(runs.iter().map(|r| r.p50_us)),
+            p99_us: median(runs.iter().map(|r| r.p99_us)),
+            p999_us: median(runs.iter().map(|r| r.p999_us)),
+            max_us: median(runs.iter().map(|r| r.max_us)),
+            cpu_us_per_io: runs
+                .iter()
+                .map(|r| r.cpu_us_per_io)
+                .collect::<Option<Vec<_>>>()
+                .filter(|v| !v.is_empty())
+                .map(|v| median(v.into_iter())),
         }
     }
 }
@@ -164,20 +186,7 @@ impl Cell {
     }
 
     fn summarize(&mut self) {
-        let m = |runs: &[Metrics]| Metrics {
-            iops: median(runs.iter().map(|r| r.iops)),
-            mib_s: median(runs.iter().map(|r| r.mib_s)),
-            p50_us: median(runs.iter().map(|r| r.p50_us)),
-            p99_us: median(runs.iter().map(|r| r.p99_us)),
-            p999_us: median(runs.iter().map(|r| r.p999_us)),
-            max_us: median(runs.iter().map(|r| r.max_us)),
-            cpu_us_per_io: runs
-                .iter()
-                .map(|r| r.cpu_us_per_io)
-                .collect::<Option<Vec<_>>>()
-                .filter(|v| !v.is_empty())
-                .map(|v| median(v.into_iter())),
-        };
+        let m = Metrics::median_of;
         let (ours, qsd, raw) = (m(&self.ours), m(&self.qsd), m(&self.raw));
         self.median = Medians {
             ours_over_qsd_iops: ratio(ours.iops, qsd.iops),
@@ -259,10 +268,11 @@ pub struct Results {
     pub cells: Vec<Cell>,
 }
 
-/// A backend process, stopped when dropped.
-struct Backend {
-    child: Child,
-    socket: PathBuf,
+/// A backend process (a card or a peer) serving `socket`: stopped when
+/// dropped (SIGTERM, then SIGKILL after 5 s) and its socket removed.
+pub(crate) struct Backend {
+    pub(crate) child: Child,
+    pub(crate) socket: PathBuf,
 }
 
 impl Backend {
@@ -291,7 +301,7 @@ impl Drop for Backend {
 }
 
 /// The backing file, removed when dropped (a tmpfs file is RAM).
-struct BackingFile(PathBuf);
+pub(crate) struct BackingFile(pub(crate) PathBuf);
 
 impl Drop for BackingFile {
     fn drop(&mut self) {
@@ -300,8 +310,17 @@ impl Drop for BackingFile {
 }
 
 fn create_backing(path: &Path, size: u64) -> Result<(), CompareError> {
-    let mut f = File::create(path).map_err(io_err(format!("creating {}", path.display())))?;
-    // Real data, not holes: reading a hole is cheaper than reading a page.
+    fill_backing(path, size).map_err(|(what, e)| io_err(what)(e))
+}
+
+/// Writes `size` bytes of real data (not holes: reading a hole is cheaper
+/// than reading a page) to a new file at `path`; on failure, what failed.
+pub(crate) fn fill_backing(path: &Path, size: u64) -> Result<(), (String, std::io::Error)> {
+    let fail = |what: &str| {
+        let what = format!("{what} {}", path.display());
+        move |e| (what, e)
+    };
+    let mut f = File::create(path).map_err(fail("creating"))?;
     let mut chunk = vec![0u8; 1 << 20];
     let mut written = 0u64;
     while written < size {
@@ -309,13 +328,10 @@ fn create_backing(path: &Path, size: u64) -> Result<(), CompareError> {
         for (i, b) in chunk[..n].iter_mut().enumerate() {
             *b = (i as u64 ^ (written >> 20)) as u8 | 1;
         }
-        f.write_all(&chunk[..n])
-            .map_err(io_err(format!("filling {}", path.display())))?;
+        f.write_all(&chunk[..n]).map_err(fail("filling"))?;
         written += n as u64;
     }
-    f.sync_all()
-        .map_err(io_err(format!("syncing {}", path.display())))?;
-    Ok(())
+    f.sync_all().map_err(fail("syncing"))
 }
 
 fn log_file(results: &Path, name: &str) -> Result<File, CompareError> {
@@ -468,55 +484,93 @@ impl Ctx<'_> {
     }
 }
 
-fn fio_time(d: Duration) -> String {
-    format!("{}ms", d.as_millis())
-}
-
 fn run_fio(
     cfg: &CompareConfig,
     backing: &Path,
     w: &Workload,
     queues: u16,
 ) -> Result<FioOutput, CompareError> {
-    // Each fio job gets its own slice of the file, like each of our queues.
-    let slice = cfg.file_size / u64::from(queues) / w.bs * w.bs;
-    let mut cmd = Command::new("fio");
-    cmd.arg("--name=raw")
-        .arg(format!("--filename={}", backing.display()))
-        .arg("--ioengine=io_uring")
-        .arg(format!("--rw={}", w.rw.fio_name()))
-        .arg(format!("--bs={}", w.bs))
-        .arg(format!("--iodepth={}", w.iodepth))
-        .arg(format!("--numjobs={queues}"))
-        .arg(format!("--size={slice}"))
-        .arg(format!("--offset_increment={slice}"))
-        .arg("--group_reporting")
-        .arg("--time_based")
-        .arg(format!("--runtime={}", fio_time(cfg.runtime)))
-        .arg("--output-format=json");
-    if !cfg.ramp.is_zero() {
-        cmd.arg(format!("--ramp_time={}", fio_time(cfg.ramp)));
+    let job = RawFio {
+        runtime: cfg.runtime,
+        ramp: cfg.ramp,
+        direct: cfg.direct,
+        file_size: cfg.file_size,
+    };
+    job.run(backing, w, queues).map_err(|e| match e {
+        RawFioError::Spawn(m) => CompareError::Setup(m),
+        RawFioError::Fio(m) => CompareError::Fio(m),
+    })
+}
+
+/// Raw fio on io_uring over the same file a card serves: the peer every
+/// storage comparison measures against.
+pub(crate) struct RawFio {
+    pub(crate) runtime: Duration,
+    pub(crate) ramp: Duration,
+    pub(crate) direct: bool,
+    pub(crate) file_size: u64,
+}
+
+/// Why raw fio gave no figures.
+pub(crate) enum RawFioError {
+    /// fio could not be started.
+    Spawn(String),
+    /// fio failed or wrote no JSON.
+    Fio(String),
+}
+
+fn fio_time(d: Duration) -> String {
+    format!("{}ms", d.as_millis())
+}
+
+impl RawFio {
+    /// Workload `w` with one fio job per queue, each on its own slice of
+    /// `backing` (like each of our queues).
+    pub(crate) fn run(
+        &self,
+        backing: &Path,
+        w: &Workload,
+        queues: u16,
+    ) -> Result<FioOutput, RawFioError> {
+        let slice = self.file_size / u64::from(queues) / w.bs * w.bs;
+        let mut cmd = Command::new("fio");
+        cmd.arg("--name=raw")
+            .arg(format!("--filename={}", backing.display()))
+            .arg("--ioengine=io_uring")
+            .arg(format!("--rw={}", w.rw.fio_name()))
+            .arg(format!("--bs={}", w.bs))
+            .arg(format!("--iodepth={}", w.iodepth))
+            .arg(format!("--numjobs={queues}"))
+            .arg(format!("--size={slice}"))
+            .arg(format!("--offset_increment={slice}"))
+            .arg("--group_reporting")
+            .arg("--time_based")
+            .arg(format!("--runtime={}", fio_time(self.runtime)))
+            .arg("--output-format=json");
+        if !self.ramp.is_zero() {
+            cmd.arg(format!("--ramp_time={}", fio_time(self.ramp)));
+        }
+        if self.direct {
+            cmd.arg("--direct=1");
+        }
+        let out = cmd
+            .stdin(Stdio::null())
+            .output()
+            .map_err(|e| RawFioError::Spawn(format!("cannot run fio: {e}")))?;
+        if !out.status.success() {
+            let err = String::from_utf8_lossy(&out.stderr);
+            return Err(RawFioError::Fio(format!(
+                "exited with {}: {}",
+                out.status,
+                err.lines().next().unwrap_or("")
+            )));
+        }
+        // fio may print notes before the JSON document.
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let json = stdout.find('{').map(|i| &stdout[i..]).unwrap_or("");
+        serde_json::from_str(json)
+            .map_err(|e| RawFioError::Fio(format!("unreadable JSON output: {e}")))
     }
-    if cfg.direct {
-        cmd.arg("--direct=1");
-    }
-    let out = cmd
-        .stdin(Stdio::null())
-        .output()
-        .map_err(|e| CompareError::Setup(format!("cannot run fio: {e}")))?;
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    if !out.status.success() {
-        let err = String::from_utf8_lossy(&out.stderr);
-        return Err(CompareError::Fio(format!(
-            "exited with {}: {}",
-            out.status,
-            err.lines().next().unwrap_or("")
-        )));
-    }
-    // fio may print notes before the JSON document.
-    let json = stdout.find('{').map(|i| &stdout[i..]).unwrap_or("");
-    serde_json::from_str(json)
-        .map_err(|e| CompareError::Fio(format!("unreadable JSON output: {e}")))
 }
 
 pub fn run(cfg: &CompareConfig) -> Result<Results, CompareError> {

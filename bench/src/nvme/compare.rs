@@ -2,16 +2,17 @@
 //! driver against raw fio io_uring on the same namespace file, as medians
 //! of alternating rounds (the shape of `compare-blk`).
 
-use std::fs::{File, OpenOptions};
-use std::io::Write;
+use std::fs::OpenOptions;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
 
-use crate::blk::Rw;
-use crate::compare::{median, Backing, Metrics, Workload, MATRIX, QUEUES};
+use crate::compare::{
+    fill_backing, Backend, Backing, BackingFile, Metrics, RawFio, RawFioError, Workload, MATRIX,
+    QUEUES,
+};
 use crate::report::{self, FioOutput};
 
 use super::load::{self, LoadError, NvmeConfig};
@@ -95,86 +96,8 @@ fn io_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> CompareErro
     move |error| CompareError::Io { what, error }
 }
 
-fn metrics(out: &FioOutput, rw: Rw) -> Metrics {
-    let job = out.jobs.first().cloned().unwrap_or_default();
-    let d = if rw.reads() { &job.read } else { &job.write };
-    let us = |ns: Option<u64>| ns.unwrap_or(0) as f64 / 1000.0;
-    Metrics {
-        iops: d.iops,
-        mib_s: d.bw_bytes as f64 / f64::from(1 << 20),
-        p50_us: us(d.clat_ns.pct(50.0)),
-        p99_us: us(d.clat_ns.pct(99.0)),
-        p999_us: us(d.clat_ns.pct(99.9)),
-        max_us: d.clat_ns.max as f64 / 1000.0,
-        cpu_us_per_io: out.cardbench.as_ref().and_then(|c| c.backend_cpu_us_per_io),
-    }
-}
-
-fn medians(runs: &[Metrics]) -> Metrics {
-    Metrics {
-        iops: median(runs.iter().map(|r| r.iops)),
-        mib_s: median(runs.iter().map(|r| r.mib_s)),
-        p50_us: median(runs.iter().map(|r| r.p50_us)),
-        p99_us: median(runs.iter().map(|r| r.p99_us)),
-        p999_us: median(runs.iter().map(|r| r.p999_us)),
-        max_us: median(runs.iter().map(|r| r.max_us)),
-        cpu_us_per_io: runs
-            .iter()
-            .map(|r| r.cpu_us_per_io)
-            .collect::<Option<Vec<_>>>()
-            .filter(|v| !v.is_empty())
-            .map(|v| median(v.into_iter())),
-    }
-}
-
-/// The card process, stopped (SIGTERM, then SIGKILL) when dropped.
-struct Card {
-    child: Child,
-    socket: PathBuf,
-}
-
-impl Drop for Card {
-    fn drop(&mut self) {
-        // SAFETY: signalling our own child by pid.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                let _ = std::fs::remove_file(&self.socket);
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_file(&self.socket);
-    }
-}
-
-struct BackingFile(PathBuf);
-
-impl Drop for BackingFile {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
-    }
-}
-
 fn create_backing(path: &Path, size: u64) -> Result<(), CompareError> {
-    let mut f = File::create(path).map_err(io_err(format!("creating {}", path.display())))?;
-    // Real data, not holes: reading a hole is cheaper than reading a page.
-    let mut chunk = vec![0u8; 1 << 20];
-    let mut written = 0u64;
-    while written < size {
-        let n = (size - written).min(chunk.len() as u64) as usize;
-        for (i, b) in chunk[..n].iter_mut().enumerate() {
-            *b = (i as u64 ^ (written >> 20)) as u8 | 1;
-        }
-        f.write_all(&chunk[..n])
-            .map_err(io_err(format!("filling {}", path.display())))?;
-        written += n as u64;
-    }
-    f.sync_all()
-        .map_err(io_err(format!("syncing {}", path.display())))
+    fill_backing(path, size).map_err(|(what, e)| io_err(what)(e))
 }
 
 fn start_card(
@@ -182,7 +105,7 @@ fn start_card(
     backing: &Path,
     queues: u16,
     seq: u32,
-) -> Result<Card, CompareError> {
+) -> Result<Backend, CompareError> {
     // sun_path holds 108 bytes: keep sockets short, under /tmp.
     let socket = PathBuf::from(format!(
         "/tmp/cardbench-nvme-{}-{seq}.sock",
@@ -213,7 +136,7 @@ fn start_card(
     let child = cmd
         .spawn()
         .map_err(|e| CompareError::Setup(format!("cannot start nvme-emulator: {e}")))?;
-    let mut card = Card { child, socket };
+    let mut card = Backend { child, socket };
     let deadline = Instant::now() + Duration::from_secs(10);
     while !card.socket.exists() {
         if let Ok(Some(status)) = card.child.try_wait() {
@@ -234,54 +157,22 @@ fn start_card(
     Ok(card)
 }
 
-fn fio_time(d: Duration) -> String {
-    format!("{}ms", d.as_millis())
-}
-
 fn run_fio(
     cfg: &NvmeCompareConfig,
     backing: &Path,
     w: &Workload,
     queues: u16,
 ) -> Result<FioOutput, CompareError> {
-    // Each fio job gets its own slice of the file, like each of our queues.
-    let slice = cfg.file_size / u64::from(queues) / w.bs * w.bs;
-    let mut cmd = Command::new("fio");
-    cmd.arg("--name=raw")
-        .arg(format!("--filename={}", backing.display()))
-        .arg("--ioengine=io_uring")
-        .arg(format!("--rw={}", w.rw.fio_name()))
-        .arg(format!("--bs={}", w.bs))
-        .arg(format!("--iodepth={}", w.iodepth))
-        .arg(format!("--numjobs={queues}"))
-        .arg(format!("--size={slice}"))
-        .arg(format!("--offset_increment={slice}"))
-        .arg("--group_reporting")
-        .arg("--time_based")
-        .arg(format!("--runtime={}", fio_time(cfg.runtime)))
-        .arg("--output-format=json");
-    if !cfg.ramp.is_zero() {
-        cmd.arg(format!("--ramp_time={}", fio_time(cfg.ramp)));
-    }
-    if cfg.direct {
-        cmd.arg("--direct=1");
-    }
-    let out = cmd
-        .stdin(Stdio::null())
-        .output()
-        .map_err(|e| CompareError::Setup(format!("cannot run fio: {e}")))?;
-    if !out.status.success() {
-        let err = String::from_utf8_lossy(&out.stderr);
-        return Err(CompareError::Fio(format!(
-            "exited with {}: {}",
-            out.status,
-            err.lines().next().unwrap_or("")
-        )));
-    }
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let json = stdout.find('{').map(|i| &stdout[i..]).unwrap_or("");
-    serde_json::from_str(json)
-        .map_err(|e| CompareError::Fio(format!("unreadable JSON output: {e}")))
+    let job = RawFio {
+        runtime: cfg.runtime,
+        ramp: cfg.ramp,
+        direct: cfg.direct,
+        file_size: cfg.file_size,
+    };
+    job.run(backing, w, queues).map_err(|e| match e {
+        RawFioError::Spawn(m) => CompareError::Setup(m),
+        RawFioError::Fio(m) => CompareError::Fio(m),
+    })
 }
 
 fn run_ours(
@@ -377,7 +268,7 @@ pub fn run(cfg: &NvmeCompareConfig) -> Result<Results, CompareError> {
                     }
                     other => other,
                 })?;
-                let m = metrics(&out, w.rw);
+                let m = Metrics::from_fio(&out, w.rw);
                 done += 1;
                 tracing::info!(
                     "[{done}/{total}] {label} round {round} nvme-emulator: {:.0} IOPS, p99 {:.1} us{}",
@@ -388,7 +279,7 @@ pub fn run(cfg: &NvmeCompareConfig) -> Result<Results, CompareError> {
                         .unwrap_or_default()
                 );
                 ours.push(m);
-                let m = metrics(&run_fio(cfg, &path, w, queues)?, w.rw);
+                let m = Metrics::from_fio(&run_fio(cfg, &path, w, queues)?, w.rw);
                 done += 1;
                 tracing::info!(
                     "[{done}/{total}] {label} round {round} fio io_uring (raw): {:.0} IOPS, p99 {:.1} us",
@@ -397,7 +288,7 @@ pub fn run(cfg: &NvmeCompareConfig) -> Result<Results, CompareError> {
                 );
                 raw.push(m);
             }
-            let (mo, mr) = (medians(&ours), medians(&raw));
+            let (mo, mr) = (Metrics::median_of(&ours), Metrics::median_of(&raw));
             cells.push(Cell {
                 workload: *w,
                 queues,
