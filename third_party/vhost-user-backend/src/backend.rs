@@ -24,8 +24,8 @@ use std::ops::Deref;
 use std::sync::{Arc, Mutex, RwLock};
 
 use vhost::vhost_user::message::{
-    VhostTransferStateDirection, VhostTransferStatePhase, VhostUserProtocolFeatures,
-    VhostUserShMemConfig, VhostUserSharedMsg,
+    VhostTransferStateDirection, VhostTransferStatePhase, VhostUserInflight,
+    VhostUserProtocolFeatures, VhostUserShMemConfig, VhostUserSharedMsg,
 };
 use vhost::vhost_user::Backend;
 use vm_memory::bitmap::Bitmap;
@@ -194,6 +194,26 @@ pub trait VhostUserBackend: Send + Sync {
         Err(std::io::Error::new(
             std::io::ErrorKind::Unsupported,
             "back end does not support shared memory regions",
+        ))
+    }
+
+    // CARDSIM-PATCH: inflight I/O tracking (VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD) is passed to
+    // the backend, which owns the region's layout and its use; see CARDSIM-PATCH.md.
+    /// Create the inflight region the front-end asked for (`GET_INFLIGHT_FD`): the answer and
+    /// the file descriptor to share.
+    fn get_inflight_fd(&self, _inflight: &VhostUserInflight) -> Result<(VhostUserInflight, File)> {
+        Err(std::io::Error::new(
+            std::io::ErrorKind::Unsupported,
+            "back end does not track inflight I/O",
+        ))
+    }
+
+    // CARDSIM-PATCH: see get_inflight_fd.
+    /// Take the inflight region the front-end kept (`SET_INFLIGHT_FD`), after a reconnect too.
+    fn set_inflight_fd(&self, _inflight: &VhostUserInflight, _file: File) -> Result<()> {
+        Err(std::io::Error::new(
+            std::io::ErrorKind::Unsupported,
+            "back end does not track inflight I/O",
         ))
     }
 }
@@ -450,6 +470,16 @@ impl<T: VhostUserBackend> VhostUserBackend for Arc<T> {
 
     fn get_shmem_config(&self) -> Result<VhostUserShMemConfig> {
         self.deref().get_shmem_config()
+    }
+
+    // CARDSIM-PATCH: forward inflight tracking to the backend.
+    fn get_inflight_fd(&self, inflight: &VhostUserInflight) -> Result<(VhostUserInflight, File)> {
+        self.deref().get_inflight_fd(inflight)
+    }
+
+    // CARDSIM-PATCH: forward inflight tracking to the backend.
+    fn set_inflight_fd(&self, inflight: &VhostUserInflight, file: File) -> Result<()> {
+        self.deref().set_inflight_fd(inflight, file)
     }
 }
 

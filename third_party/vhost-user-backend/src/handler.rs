@@ -251,7 +251,22 @@ where
 
     fn initialize_vring(&self, vring: &T::Vring, index: u8) -> VhostUserResult<()> {
         vring.set_queue_ready(true);
-        self.update_vring_registration(vring, index)
+        self.update_vring_registration(vring, index)?;
+        // CARDSIM-PATCH: with inflight tracking the backend may have requests to resubmit (it
+        // was restarted while they were in flight) and the guest kicked nobody meanwhile: wake
+        // the queue's worker once, as libvhost-user does in vu_check_queue_inflights.
+        if self.acked_protocol_features & VhostUserProtocolFeatures::INFLIGHT_SHMFD.bits() != 0 {
+            if let Some(kick) = vring.get_ref().get_kick() {
+                let one = 1u64.to_ne_bytes();
+                // SAFETY: writes 8 bytes from a live buffer to an eventfd the vring owns.
+                let written =
+                    unsafe { libc::write(kick.as_raw_fd(), one.as_ptr().cast(), one.len()) };
+                if written != one.len() as isize {
+                    return Err(VhostUserError::ReqHandlerError(io::Error::last_os_error()));
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Adds or removes the vring's kick fd to the epoll instance based on the vring status.
@@ -663,22 +678,25 @@ where
         }
     }
 
+    // CARDSIM-PATCH: the backend answers GET_INFLIGHT_FD and SET_INFLIGHT_FD (upstream refuses
+    // both); see CARDSIM-PATCH.md.
     fn get_inflight_fd(
         &mut self,
-        _inflight: &vhost::vhost_user::message::VhostUserInflight,
+        inflight: &vhost::vhost_user::message::VhostUserInflight,
     ) -> VhostUserResult<(vhost::vhost_user::message::VhostUserInflight, File)> {
-        // Assume the backend hasn't negotiated the inflight feature; it
-        // wouldn't be correct for the backend to do so, as we don't (yet)
-        // provide a way for it to handle such requests.
-        Err(VhostUserError::InvalidOperation("not supported"))
+        self.backend
+            .get_inflight_fd(inflight)
+            .map_err(VhostUserError::ReqHandlerError)
     }
 
     fn set_inflight_fd(
         &mut self,
-        _inflight: &vhost::vhost_user::message::VhostUserInflight,
-        _file: File,
+        inflight: &vhost::vhost_user::message::VhostUserInflight,
+        file: File,
     ) -> VhostUserResult<()> {
-        Err(VhostUserError::InvalidOperation("not supported"))
+        self.backend
+            .set_inflight_fd(inflight, file)
+            .map_err(VhostUserError::ReqHandlerError)
     }
 
     fn get_max_mem_slots(&mut self) -> VhostUserResult<u64> {
