@@ -15,7 +15,7 @@
 //! ```
 
 pub mod block_card;
-pub mod cpio;
+pub use host_runtime::cpio;
 pub mod fio;
 mod guest;
 mod image;

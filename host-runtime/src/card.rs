@@ -1,0 +1,859 @@
+//! Card processes under supervision: started from a binary (or, later, a
+//! verified card image), watched by one thread that reaps a card that
+//! exited and starts it again after an exponential backoff, and checked
+//! through the card's agent socket. Every change of state is sent as a
+//! [`CardEvent`].
+
+use crossbeam_channel::{Sender, TrySendError};
+use std::collections::BTreeMap;
+use std::ffi::OsString;
+use std::fs;
+use std::io;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant, SystemTime};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum CardKind {
+    Block,
+    Nvme,
+    Net,
+}
+
+/// Makes the [`Command`] that runs a card from something other than a plain
+/// binary (a verified card image).
+pub trait CardLauncher: Send + Sync + std::fmt::Debug {
+    fn command(&self) -> Result<Command, String>;
+    /// For logs and status: what runs.
+    fn describe(&self) -> String;
+}
+
+/// What a card runs: the one place a card's [`Command`] is made.
+#[derive(Debug, Clone)]
+pub enum CardProgram {
+    /// A binary on the host, e.g. from `target/release`.
+    Binary(PathBuf),
+    Launcher(Arc<dyn CardLauncher>),
+}
+
+impl CardProgram {
+    fn command(&self) -> Result<Command, String> {
+        match self {
+            CardProgram::Binary(path) => {
+                if !path.is_file() {
+                    return Err(format!("card program {} is not a file", path.display()));
+                }
+                Ok(Command::new(path))
+            }
+            CardProgram::Launcher(launcher) => launcher.command(),
+        }
+    }
+
+    pub fn describe(&self) -> String {
+        match self {
+            CardProgram::Binary(path) => path.display().to_string(),
+            CardProgram::Launcher(launcher) => launcher.describe(),
+        }
+    }
+}
+
+impl From<PathBuf> for CardProgram {
+    fn from(path: PathBuf) -> Self {
+        CardProgram::Binary(path)
+    }
+}
+
+/// One card process.
+#[derive(Debug, Clone)]
+pub struct CardSpec {
+    /// Unique among the supervisor's cards, e.g. `blk-vol-0abc`.
+    pub name: String,
+    pub kind: CardKind,
+    pub program: CardProgram,
+    pub args: Vec<OsString>,
+    /// Where the card's agent listens; health is checked there.
+    pub agent_socket: PathBuf,
+    /// The card's stdout and stderr, appended.
+    pub log: PathBuf,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CardEvent {
+    pub time: SystemTime,
+    pub card: String,
+    pub kind: CardEventKind,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CardEventKind {
+    Started { pid: u32 },
+    Healthy,
+    Exited { status: ExitStatus },
+    Restarting { after_ms: u64 },
+    Unhealthy { reason: String },
+    Stopped,
+}
+
+/// Where a card is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CardPhase {
+    /// Running, not yet answering on its agent socket.
+    Starting,
+    Healthy,
+    /// Running, but its last health check failed.
+    Unhealthy,
+    /// Exited; started again once the backoff passes.
+    BackingOff,
+    Stopped,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CardStatus {
+    pub name: String,
+    pub kind: CardKind,
+    pub phase: CardPhase,
+    pub pid: Option<u32>,
+    /// Restarts after an exit (not counting [`Supervisor::restart`]).
+    pub restarts: u32,
+    pub program: String,
+    /// Why the last health check or start failed, if one did.
+    pub last_failure: Option<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CardError {
+    #[error("card {name:?}: invalid name (letters, digits, '-', '_', '.'; 1 to 64)")]
+    InvalidName { name: String },
+    #[error("card {name} is already supervised")]
+    AlreadyExists { name: String },
+    #[error("card {name} is not supervised")]
+    NotFound { name: String },
+    #[error("card {name}: starting {program}: {reason}")]
+    StartFailed {
+        name: String,
+        program: String,
+        reason: String,
+    },
+    #[error("card {name} was not healthy within {waited:?}{}", .last_failure.as_ref().map(|r| format!(": {r}")).unwrap_or_default())]
+    NotHealthy {
+        name: String,
+        waited: Duration,
+        last_failure: Option<String>,
+    },
+    #[error("card {name} was stopped")]
+    Stopped { name: String },
+}
+
+/// Timings of supervision.
+#[derive(Debug, Clone)]
+pub struct SupervisorConfig {
+    /// First wait before restarting a card that exited; doubles each time.
+    pub backoff_initial: Duration,
+    pub backoff_max: Duration,
+    /// A card healthy this long starts again from `backoff_initial`.
+    pub stable_after: Duration,
+    /// Between health checks of a healthy card.
+    pub health_interval: Duration,
+    /// One health check's budget.
+    pub health_timeout: Duration,
+    /// A card not healthy this long after starting is killed (and restarted).
+    pub start_timeout: Duration,
+    /// Failed checks in a row after which a running card is killed.
+    pub unhealthy_limit: u32,
+    /// From SIGTERM to SIGKILL when stopping a card.
+    pub stop_grace: Duration,
+}
+
+impl Default for SupervisorConfig {
+    fn default() -> Self {
+        Self {
+            backoff_initial: Duration::from_millis(100),
+            backoff_max: Duration::from_secs(10),
+            stable_after: Duration::from_secs(30),
+            health_interval: Duration::from_secs(1),
+            health_timeout: Duration::from_secs(1),
+            start_timeout: Duration::from_secs(15),
+            unhealthy_limit: 3,
+            stop_grace: Duration::from_secs(5),
+        }
+    }
+}
+
+/// The watcher's tick: how soon an exit is noticed.
+const TICK: Duration = Duration::from_millis(50);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    Starting,
+    Running {
+        failed_checks: u32,
+    },
+    Backoff {
+        until: Instant,
+    },
+    /// `stop` owns the process; the watcher leaves it alone.
+    Stopping,
+    Stopped,
+}
+
+struct Card {
+    spec: CardSpec,
+    child: Option<Child>,
+    phase: Phase,
+    backoff: Duration,
+    started_at: Instant,
+    healthy_since: Option<Instant>,
+    last_check: Option<Instant>,
+    restarts: u32,
+    last_failure: Option<String>,
+    /// Bumped on every start, so a health check's answer is applied only to
+    /// the process it checked.
+    generation: u64,
+}
+
+struct Shared {
+    cards: Mutex<BTreeMap<String, Card>>,
+    events: Sender<CardEvent>,
+    config: SupervisorConfig,
+    shutdown: AtomicBool,
+}
+
+/// Supervises card processes; dropping it stops them all.
+pub struct Supervisor {
+    shared: Arc<Shared>,
+    watcher: Option<JoinHandle<()>>,
+}
+
+impl Supervisor {
+    pub fn new(events: Sender<CardEvent>) -> Self {
+        Self::with_config(events, SupervisorConfig::default())
+    }
+
+    pub fn with_config(events: Sender<CardEvent>, config: SupervisorConfig) -> Self {
+        let shared = Arc::new(Shared {
+            cards: Mutex::new(BTreeMap::new()),
+            events,
+            config,
+            shutdown: AtomicBool::new(false),
+        });
+        let watcher_shared = shared.clone();
+        let watcher = std::thread::Builder::new()
+            .name("card-watcher".into())
+            .spawn(move || watch(&watcher_shared))
+            .expect("spawning the card watcher thread");
+        Self {
+            shared,
+            watcher: Some(watcher),
+        }
+    }
+
+    /// Starts a card (or starts again one that was stopped, with this
+    /// spec) and returns its pid. Does not wait for it to be healthy: see
+    /// [`Supervisor::wait_healthy`].
+    pub fn start(&self, spec: CardSpec) -> Result<u32, CardError> {
+        check_name(&spec.name)?;
+        let mut cards = self.shared.lock();
+        if let Some(card) = cards.get(&spec.name) {
+            if card.phase != Phase::Stopped {
+                return Err(CardError::AlreadyExists { name: spec.name });
+            }
+        }
+        let name = spec.name.clone();
+        let mut card = Card {
+            spec,
+            child: None,
+            phase: Phase::Stopped,
+            backoff: self.shared.config.backoff_initial,
+            started_at: Instant::now(),
+            healthy_since: None,
+            last_check: None,
+            restarts: 0,
+            last_failure: None,
+            generation: 0,
+        };
+        let pid = spawn(&mut card).map_err(|reason| CardError::StartFailed {
+            name: name.clone(),
+            program: card.spec.program.describe(),
+            reason,
+        })?;
+        cards.insert(name.clone(), card);
+        drop(cards);
+        self.shared.emit(&name, CardEventKind::Started { pid });
+        Ok(pid)
+    }
+
+    /// Stops a card: SIGTERM, then SIGKILL past the grace period. It stays
+    /// known (as stopped) until started again.
+    pub fn stop(&self, name: &str) -> Result<(), CardError> {
+        let child = {
+            let mut cards = self.shared.lock();
+            let card = cards
+                .get_mut(name)
+                .ok_or_else(|| CardError::NotFound { name: name.into() })?;
+            if matches!(card.phase, Phase::Stopped | Phase::Stopping) {
+                return Ok(());
+            }
+            card.phase = Phase::Stopping;
+            card.child.take()
+        };
+        if let Some(child) = child {
+            terminate(child, self.shared.config.stop_grace);
+        }
+        if let Some(card) = self.shared.lock().get_mut(name) {
+            card.phase = Phase::Stopped;
+            card.healthy_since = None;
+        }
+        self.shared.emit(name, CardEventKind::Stopped);
+        Ok(())
+    }
+
+    /// Stops a card and starts it again, on `program` if given (a firmware
+    /// update), and waits until it is healthy. Returns the new pid.
+    pub fn restart(&self, name: &str, program: Option<CardProgram>) -> Result<u32, CardError> {
+        self.stop(name)?;
+        let pid = {
+            let mut cards = self.shared.lock();
+            let card = cards
+                .get_mut(name)
+                .ok_or_else(|| CardError::NotFound { name: name.into() })?;
+            if card.phase != Phase::Stopped {
+                // Someone started it in between.
+                return Err(CardError::AlreadyExists { name: name.into() });
+            }
+            let previous = program.map(|p| std::mem::replace(&mut card.spec.program, p));
+            card.backoff = self.shared.config.backoff_initial;
+            match spawn(card) {
+                Ok(pid) => pid,
+                Err(reason) => {
+                    let program = card.spec.program.describe();
+                    // A bad new program leaves the card as it was: stopped, on
+                    // the old one.
+                    if let Some(previous) = previous {
+                        card.spec.program = previous;
+                    }
+                    return Err(CardError::StartFailed {
+                        name: name.into(),
+                        program,
+                        reason,
+                    });
+                }
+            }
+        };
+        self.shared.emit(name, CardEventKind::Started { pid });
+        self.wait_healthy(name, self.shared.config.start_timeout)?;
+        Ok(pid)
+    }
+
+    /// Waits until the card answers on its agent socket.
+    pub fn wait_healthy(&self, name: &str, timeout: Duration) -> Result<(), CardError> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let status = self.status(name)?;
+            match status.phase {
+                CardPhase::Healthy => return Ok(()),
+                CardPhase::Stopped => return Err(CardError::Stopped { name: name.into() }),
+                _ => {}
+            }
+            if Instant::now() >= deadline {
+                return Err(CardError::NotHealthy {
+                    name: name.into(),
+                    waited: timeout,
+                    last_failure: status.last_failure,
+                });
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn status(&self, name: &str) -> Result<CardStatus, CardError> {
+        let cards = self.shared.lock();
+        let card = cards
+            .get(name)
+            .ok_or_else(|| CardError::NotFound { name: name.into() })?;
+        Ok(card.status())
+    }
+
+    /// Every card's status, by name.
+    pub fn list(&self) -> Vec<CardStatus> {
+        self.shared.lock().values().map(Card::status).collect()
+    }
+}
+
+impl Drop for Supervisor {
+    fn drop(&mut self) {
+        self.shared.shutdown.store(true, Ordering::SeqCst);
+        if let Some(watcher) = self.watcher.take() {
+            let _ = watcher.join();
+        }
+        let names: Vec<String> = self.shared.lock().keys().cloned().collect();
+        for name in names {
+            let _ = self.stop(&name);
+        }
+    }
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, BTreeMap<String, Card>> {
+        // A panic while holding the lock leaves the map consistent enough
+        // (every step is a whole assignment): keep supervising.
+        self.cards.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Never blocks: a full channel loses the event (and says so in the log).
+    fn emit(&self, card: &str, kind: CardEventKind) {
+        tracing::info!(card, event = ?kind, "card event");
+        let event = CardEvent {
+            time: SystemTime::now(),
+            card: card.into(),
+            kind,
+        };
+        if let Err(TrySendError::Full(event)) = self.events.try_send(event) {
+            tracing::warn!(card, event = ?event.kind, "card event channel full: event lost");
+        }
+    }
+}
+
+impl Card {
+    fn status(&self) -> CardStatus {
+        let phase = match self.phase {
+            Phase::Starting => CardPhase::Starting,
+            Phase::Running { failed_checks: 0 } => CardPhase::Healthy,
+            Phase::Running { .. } => CardPhase::Unhealthy,
+            Phase::Backoff { .. } => CardPhase::BackingOff,
+            Phase::Stopping | Phase::Stopped => CardPhase::Stopped,
+        };
+        CardStatus {
+            name: self.spec.name.clone(),
+            kind: self.spec.kind,
+            phase,
+            pid: self.child.as_ref().map(Child::id),
+            restarts: self.restarts,
+            program: self.spec.program.describe(),
+            last_failure: self.last_failure.clone(),
+        }
+    }
+}
+
+fn check_name(name: &str) -> Result<(), CardError> {
+    let ok = (1..=64).contains(&name.len())
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+    if ok {
+        Ok(())
+    } else {
+        Err(CardError::InvalidName { name: name.into() })
+    }
+}
+
+/// Starts the card's process, its output appended to its log.
+fn spawn(card: &mut Card) -> Result<u32, String> {
+    let spec = &card.spec;
+    let mut cmd = spec.program.command()?;
+    if let Some(dir) = spec.log.parent() {
+        fs::create_dir_all(dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
+    }
+    let open_log = || {
+        fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&spec.log)
+            .map_err(|e| format!("opening log {}: {e}", spec.log.display()))
+    };
+    cmd.args(&spec.args)
+        .stdin(Stdio::null())
+        .stdout(open_log()?)
+        .stderr(open_log()?);
+    let child = cmd.spawn().map_err(|e| e.to_string())?;
+    let pid = child.id();
+    card.child = Some(child);
+    card.phase = Phase::Starting;
+    card.started_at = Instant::now();
+    card.healthy_since = None;
+    card.last_check = None;
+    card.generation += 1;
+    Ok(pid)
+}
+
+/// SIGTERM, then SIGKILL after `grace`; reaps the process.
+fn terminate(mut child: Child, grace: Duration) {
+    if let Ok(None) = child.try_wait() {
+        // The child is ours and not yet reaped, so its pid is still its own.
+        let pid = child.id() as libc::pid_t;
+        // SAFETY: kill(2) with a pid we own and a valid signal number.
+        unsafe { libc::kill(pid, libc::SIGTERM) };
+        let deadline = Instant::now() + grace;
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = child.kill();
+    }
+    let _ = child.wait();
+}
+
+/// Health is the agent socket accepting a connection.
+// TODO(agent): a `health` call through card_firmware::agent::AgentClient
+// once it lands.
+fn check_health(socket: &Path, _timeout: Duration) -> Result<(), String> {
+    UnixStream::connect(socket)
+        .map(drop)
+        .map_err(|e: io::Error| format!("agent socket {}: {e}", socket.display()))
+}
+
+/// The watcher thread: reaps exits, restarts after backoff, checks health.
+fn watch(shared: &Shared) {
+    let config = &shared.config;
+    while !shared.shutdown.load(Ordering::SeqCst) {
+        let mut events = Vec::new();
+        let mut checks = Vec::new();
+        {
+            let mut cards = shared.lock();
+            let now = Instant::now();
+            for (name, card) in cards.iter_mut() {
+                step(card, now, config, &mut |kind| {
+                    events.push((name.clone(), kind))
+                });
+                let due = match card.phase {
+                    Phase::Starting => true,
+                    Phase::Running { .. } => card
+                        .last_check
+                        .is_none_or(|at| now.duration_since(at) >= config.health_interval),
+                    _ => false,
+                };
+                if due {
+                    card.last_check = Some(now);
+                    checks.push((
+                        name.clone(),
+                        card.generation,
+                        card.spec.agent_socket.clone(),
+                    ));
+                }
+            }
+        }
+        for (name, kind) in events.drain(..) {
+            shared.emit(&name, kind);
+        }
+        for (name, generation, socket) in checks {
+            let result = check_health(&socket, config.health_timeout);
+            let mut cards = shared.lock();
+            if let Some(card) = cards.get_mut(&name) {
+                if card.generation == generation {
+                    apply_health(card, result, config, &mut |kind| {
+                        events.push((name.clone(), kind))
+                    });
+                }
+            }
+        }
+        for (name, kind) in events {
+            shared.emit(&name, kind);
+        }
+        std::thread::sleep(TICK);
+    }
+}
+
+/// Reaps an exited card and schedules its restart, or restarts one whose
+/// backoff has passed.
+fn step(
+    card: &mut Card,
+    now: Instant,
+    config: &SupervisorConfig,
+    emit: &mut dyn FnMut(CardEventKind),
+) {
+    match card.phase {
+        Phase::Starting | Phase::Running { .. } => {
+            let exited = match card.child.as_mut().map(Child::try_wait) {
+                Some(Ok(Some(status))) => Some(status),
+                _ => None,
+            };
+            if let Some(status) = exited {
+                card.child = None;
+                emit(CardEventKind::Exited { status });
+                if card
+                    .healthy_since
+                    .is_some_and(|t| now.duration_since(t) >= config.stable_after)
+                {
+                    card.backoff = config.backoff_initial;
+                }
+                let delay = card.backoff;
+                card.backoff = (card.backoff * 2).min(config.backoff_max);
+                card.healthy_since = None;
+                card.phase = Phase::Backoff { until: now + delay };
+                emit(CardEventKind::Restarting {
+                    after_ms: delay.as_millis() as u64,
+                });
+            }
+        }
+        Phase::Backoff { until } if now >= until => {
+            card.restarts += 1;
+            match spawn(card) {
+                Ok(pid) => emit(CardEventKind::Started { pid }),
+                Err(reason) => {
+                    card.last_failure = Some(reason.clone());
+                    emit(CardEventKind::Unhealthy { reason });
+                    let delay = card.backoff;
+                    card.backoff = (card.backoff * 2).min(config.backoff_max);
+                    card.phase = Phase::Backoff { until: now + delay };
+                    emit(CardEventKind::Restarting {
+                        after_ms: delay.as_millis() as u64,
+                    });
+                }
+            }
+        }
+        Phase::Backoff { .. } | Phase::Stopping | Phase::Stopped => {}
+    }
+}
+
+fn apply_health(
+    card: &mut Card,
+    result: Result<(), String>,
+    config: &SupervisorConfig,
+    emit: &mut dyn FnMut(CardEventKind),
+) {
+    match (card.phase, result) {
+        (Phase::Starting, Ok(())) | (Phase::Running { failed_checks: 1.. }, Ok(())) => {
+            if card.phase == Phase::Starting {
+                card.healthy_since = Some(Instant::now());
+            }
+            card.phase = Phase::Running { failed_checks: 0 };
+            emit(CardEventKind::Healthy);
+        }
+        (Phase::Starting, Err(reason)) => {
+            card.last_failure = Some(reason.clone());
+            if card.started_at.elapsed() >= config.start_timeout {
+                emit(CardEventKind::Unhealthy {
+                    reason: format!(
+                        "not healthy {:?} after starting ({reason}): killed",
+                        config.start_timeout
+                    ),
+                });
+                kill(card);
+            }
+        }
+        (Phase::Running { failed_checks }, Err(reason)) => {
+            let failed_checks = failed_checks + 1;
+            card.phase = Phase::Running { failed_checks };
+            card.last_failure = Some(reason.clone());
+            let killing = failed_checks >= config.unhealthy_limit;
+            emit(CardEventKind::Unhealthy {
+                reason: if killing {
+                    format!("{failed_checks} failed health checks ({reason}): killed")
+                } else {
+                    reason
+                },
+            });
+            if killing {
+                kill(card);
+            }
+        }
+        _ => {}
+    }
+}
+
+/// SIGKILL; the watcher reaps the exit and restarts the card.
+fn kill(card: &mut Card) {
+    if let Some(child) = card.child.as_mut() {
+        let _ = child.kill();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crossbeam_channel::Receiver;
+
+    fn fast() -> SupervisorConfig {
+        SupervisorConfig {
+            backoff_initial: Duration::from_millis(50),
+            backoff_max: Duration::from_millis(400),
+            stable_after: Duration::from_secs(30),
+            health_interval: Duration::from_millis(100),
+            health_timeout: Duration::from_millis(200),
+            start_timeout: Duration::from_secs(5),
+            unhealthy_limit: 3,
+            stop_grace: Duration::from_secs(2),
+        }
+    }
+
+    /// A card stand-in for supervision alone (the guest tests use real
+    /// cards): a process that listens on its agent socket.
+    const LISTENER: &str = "import os, socket, sys\n\
+        p = sys.argv[1]\n\
+        if os.path.exists(p): os.unlink(p)\n\
+        s = socket.socket(socket.AF_UNIX)\n\
+        s.bind(p)\n\
+        s.listen(16)\n\
+        while True: s.accept()[0].close()\n";
+
+    fn listener_spec(dir: &Path, name: &str) -> CardSpec {
+        let python = PathBuf::from("/usr/bin/python3");
+        assert!(
+            python.is_file(),
+            "the supervision tests need /usr/bin/python3"
+        );
+        let socket = dir.join(format!("{name}.sock"));
+        CardSpec {
+            name: name.into(),
+            kind: CardKind::Block,
+            program: CardProgram::Binary(python),
+            args: vec!["-c".into(), LISTENER.into(), socket.clone().into()],
+            agent_socket: socket,
+            log: dir.join(format!("{name}.log")),
+        }
+    }
+
+    fn next_kind(events: &Receiver<CardEvent>) -> CardEventKind {
+        events
+            .recv_timeout(Duration::from_secs(10))
+            .expect("an event within 10 s")
+            .kind
+    }
+
+    #[test]
+    fn a_killed_card_is_restarted_and_becomes_healthy_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let spec = listener_spec(dir.path(), "blk-vol-1");
+        let (tx, events) = crossbeam_channel::unbounded();
+        let sup = Supervisor::with_config(tx, fast());
+        let pid = sup.start(spec.clone()).unwrap();
+        assert_eq!(next_kind(&events), CardEventKind::Started { pid });
+        assert_eq!(next_kind(&events), CardEventKind::Healthy);
+        assert!(matches!(
+            sup.start(spec),
+            Err(CardError::AlreadyExists { .. })
+        ));
+
+        // SAFETY: kill(2) on the card's pid, which the supervisor has not reaped.
+        unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
+        match next_kind(&events) {
+            CardEventKind::Exited { status } => {
+                use std::os::unix::process::ExitStatusExt;
+                assert_eq!(status.signal(), Some(libc::SIGKILL));
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(
+            next_kind(&events),
+            CardEventKind::Restarting { after_ms: 50 }
+        );
+        let CardEventKind::Started { pid: new_pid } = next_kind(&events) else {
+            panic!("expected Started");
+        };
+        assert_ne!(new_pid, pid);
+        assert_eq!(next_kind(&events), CardEventKind::Healthy);
+        let status = sup.status("blk-vol-1").unwrap();
+        assert_eq!(status.phase, CardPhase::Healthy);
+        assert_eq!(status.restarts, 1);
+        assert_eq!(status.pid, Some(new_pid));
+
+        sup.stop("blk-vol-1").unwrap();
+        assert_eq!(next_kind(&events), CardEventKind::Stopped);
+        assert_eq!(sup.status("blk-vol-1").unwrap().phase, CardPhase::Stopped);
+        // SAFETY: kill(2) with signal 0 only asks whether the pid exists.
+        assert_ne!(unsafe { libc::kill(new_pid as libc::pid_t, 0) }, 0);
+    }
+
+    #[test]
+    fn a_card_that_keeps_crashing_backs_off_exponentially() {
+        let dir = tempfile::tempdir().unwrap();
+        let (tx, events) = crossbeam_channel::unbounded();
+        let sup = Supervisor::with_config(tx, fast());
+        sup.start(CardSpec {
+            name: "crashy".into(),
+            kind: CardKind::Net,
+            program: CardProgram::Binary("/bin/sh".into()),
+            args: vec!["-c".into(), "exit 3".into()],
+            agent_socket: dir.path().join("none.sock"),
+            log: dir.path().join("crashy.log"),
+        })
+        .unwrap();
+        let mut delays = Vec::new();
+        while delays.len() < 5 {
+            if let CardEventKind::Restarting { after_ms } = next_kind(&events) {
+                delays.push(after_ms);
+            }
+        }
+        assert_eq!(delays, [50, 100, 200, 400, 400]);
+        assert!(sup.status("crashy").unwrap().restarts >= 4);
+    }
+
+    #[test]
+    fn restart_runs_the_new_program_and_waits_for_health() {
+        let dir = tempfile::tempdir().unwrap();
+        let spec = listener_spec(dir.path(), "nvme-1");
+        let (tx, events) = crossbeam_channel::unbounded();
+        let sup = Supervisor::with_config(tx, fast());
+        sup.start(spec.clone()).unwrap();
+        sup.wait_healthy("nvme-1", Duration::from_secs(5)).unwrap();
+        // The "new firmware": the same interpreter by another path.
+        let link = dir.path().join("python3-v2");
+        std::os::unix::fs::symlink(
+            match &spec.program {
+                CardProgram::Binary(p) => p,
+                CardProgram::Launcher(_) => unreachable!(),
+            },
+            &link,
+        )
+        .unwrap();
+        let pid = sup
+            .restart("nvme-1", Some(CardProgram::Binary(link.clone())))
+            .unwrap();
+        let status = sup.status("nvme-1").unwrap();
+        assert_eq!(status.phase, CardPhase::Healthy);
+        assert_eq!(status.pid, Some(pid));
+        assert_eq!(status.program, link.display().to_string());
+        let kinds: Vec<CardEventKind> = events.try_iter().map(|e| e.kind).collect();
+        let at_stop = kinds.iter().position(|k| *k == CardEventKind::Stopped);
+        assert!(
+            at_stop.is_some_and(|i| kinds[i + 1..].contains(&CardEventKind::Started { pid })),
+            "{kinds:?}"
+        );
+
+        // A program that is not there: a clear error, the card stays stopped.
+        let err = sup
+            .restart(
+                "nvme-1",
+                Some(CardProgram::Binary(dir.path().join("missing"))),
+            )
+            .unwrap_err();
+        assert!(matches!(err, CardError::StartFailed { .. }), "{err}");
+        let status = sup.status("nvme-1").unwrap();
+        assert_eq!(status.phase, CardPhase::Stopped);
+        assert_eq!(status.program, link.display().to_string());
+    }
+
+    #[test]
+    fn bad_requests_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let (tx, _events) = crossbeam_channel::unbounded();
+        let sup = Supervisor::with_config(tx, fast());
+        let spec = |name: &str, program: &str| CardSpec {
+            name: name.into(),
+            kind: CardKind::Block,
+            program: CardProgram::Binary(program.into()),
+            args: vec![],
+            agent_socket: dir.path().join("a.sock"),
+            log: dir.path().join("a.log"),
+        };
+        assert!(matches!(
+            sup.start(spec("bad name/..", "/bin/true")),
+            Err(CardError::InvalidName { .. })
+        ));
+        assert!(matches!(
+            sup.start(spec("blk-1", "/no/such/card")),
+            Err(CardError::StartFailed { .. })
+        ));
+        assert!(sup.list().is_empty());
+        assert!(matches!(sup.stop("blk-1"), Err(CardError::NotFound { .. })));
+        assert!(matches!(
+            sup.restart("blk-1", None),
+            Err(CardError::NotFound { .. })
+        ));
+    }
+}
