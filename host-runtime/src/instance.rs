@@ -76,6 +76,26 @@ pub struct InstanceSpec {
     pub run_dir: PathBuf,
     /// Spare root ports for volumes attached later.
     pub hotplug_slots: u8,
+    pub accel: Accel,
+}
+
+/// How QEMU runs the guest's CPUs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Accel {
+    Kvm,
+    /// Emulation: slow, but needs nothing from the host (and is what runs
+    /// where /dev/kvm is missing or unusable, as under nested
+    /// virtualization).
+    Tcg,
+}
+
+impl Accel {
+    fn as_str(self) -> &'static str {
+        match self {
+            Accel::Kvm => "kvm",
+            Accel::Tcg => "tcg",
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -96,10 +116,10 @@ pub enum InstanceError {
         feature: String,
         needs: String,
     },
-    #[error("instance {instance}: QEMU exited ({status}) before its QMP socket answered\n--- QEMU log ---\n{log}")]
+    #[error("instance {instance}: QEMU did not start: {reason}\n--- QEMU log ---\n{log}")]
     StartFailed {
         instance: String,
-        status: String,
+        reason: String,
         log: String,
     },
     #[error("instance {instance}: QEMU has exited ({status})")]
@@ -383,8 +403,7 @@ impl Instance {
         let mem = format!("{}M", spec.memory_mib);
         cmd.args(["-name", &id, "-nodefaults", "-no-user-config"])
             .args(["-display", "none"])
-            // KVM where the host has it, else TCG.
-            .args(["-accel", "kvm", "-accel", "tcg"])
+            .args(["-accel", spec.accel.as_str()])
             .args(["-machine", "q35", "-cpu", "max"])
             .args(["-smp", &spec.vcpus.to_string()])
             // Shared guest memory so the cards can map it.
@@ -483,12 +502,12 @@ impl Instance {
 
         let qmp = match connect_while_alive(&qmp_socket, &mut child) {
             Ok(qmp) => qmp,
-            Err(status) => {
+            Err(reason) => {
                 let _ = child.kill();
                 let _ = child.wait();
                 return Err(InstanceError::StartFailed {
                     instance: id.clone(),
-                    status,
+                    reason,
                     log: fs::read_to_string(&qemu_log).unwrap_or_default(),
                 });
             }
@@ -779,23 +798,24 @@ impl Drop for Instance {
     }
 }
 
-/// Connects to the QMP socket of a QEMU that is starting; the error is its
-/// exit status if it dies first.
+/// Connects to the QMP socket of a QEMU that is starting; the error says
+/// why not (it exited first, or its QMP did not answer).
 fn connect_while_alive(socket: &Path, child: &mut Child) -> Result<QmpClient, String> {
     let deadline = Instant::now() + QMP_STARTUP;
     loop {
         if let Ok(Some(status)) = child.try_wait() {
-            return Err(status.to_string());
+            return Err(format!("QEMU exited ({status})"));
         }
         if socket.exists() {
             match QmpClient::connect(socket, QMP_STARTUP) {
                 Ok(qmp) => return Ok(qmp),
                 Err(QmpError::Connect { .. }) => {}
-                Err(e) => return Err(format!("running, but QMP failed: {e}")),
+                // QEMU dying while we connect looks like this.
+                Err(e) => return Err(format!("QMP failed: {e}")),
             }
         }
         if Instant::now() >= deadline {
-            return Err(format!("running, but no QMP socket after {QMP_STARTUP:?}"));
+            return Err(format!("no QMP socket after {QMP_STARTUP:?}"));
         }
         std::thread::sleep(Duration::from_millis(20));
     }

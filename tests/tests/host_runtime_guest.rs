@@ -1,0 +1,337 @@
+//! host-runtime against real guests and real block cards: volume hot-plug
+//! over QMP, a supervised card killed under a guest's fio, and what bad
+//! hot-plug requests get.
+
+use anyhow::{bail, ensure, Context, Result};
+use cardsim_tests::{card_binary, guest_image, tail, Vmm, EXIT_MARKER, READY_MARKER};
+use host_runtime::card::{CardEvent, CardEventKind, CardKind, CardProgram, CardSpec, Supervisor};
+use host_runtime::crossbeam_channel::{self, Receiver};
+use host_runtime::instance::{
+    Accel, Instance, InstanceError, InstanceSpec, NvmeAttachment, VolumeAttachment,
+};
+use std::fs;
+use std::os::unix::fs::FileExt;
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+const MIB: u64 = 1 << 20;
+
+/// A volume's card: a block card on a sparse backing file in `dir`.
+struct Volume {
+    id: String,
+    backing: PathBuf,
+    socket: PathBuf,
+}
+
+impl Volume {
+    fn new(dir: &Path, id: &str) -> Result<Self> {
+        let backing = dir.join(format!("{id}.img"));
+        fs::File::create(&backing)?.set_len(64 * MIB)?;
+        Ok(Self {
+            id: id.into(),
+            backing,
+            socket: dir.join(format!("{id}.sock")),
+        })
+    }
+
+    fn card(&self, dir: &Path) -> Result<CardSpec> {
+        Ok(CardSpec {
+            name: format!("blk-{}", self.id),
+            kind: CardKind::Block,
+            program: CardProgram::Binary(card_binary("vhost-blk-backend")?),
+            args: vec![
+                "--socket".into(),
+                self.socket.clone().into(),
+                "--backing".into(),
+                self.backing.clone().into(),
+                "--control".into(),
+                self.agent().into(),
+                "--num-queues".into(),
+                "1".into(),
+            ],
+            agent_socket: self.agent(),
+            log: dir.join(format!("{}.log", self.id)),
+        })
+    }
+
+    fn agent(&self) -> PathBuf {
+        self.socket.with_extension("agent.sock")
+    }
+
+    fn attachment(&self) -> VolumeAttachment {
+        VolumeAttachment {
+            id: self.id.clone(),
+            socket: self.socket.clone(),
+            num_queues: 1,
+        }
+    }
+}
+
+fn vmm_binary(vmm: Vmm) -> Result<PathBuf> {
+    vmm.available()?;
+    Ok(match vmm {
+        Vmm::Qemu7 => PathBuf::from("/usr/bin/qemu-system-x86_64"),
+        Vmm::Qemu11 => Vmm::qemu11_root().join("usr/bin/qemu-system-x86_64"),
+    })
+}
+
+fn spec(
+    vmm: Vmm,
+    dir: &Path,
+    script: &str,
+    volumes: Vec<VolumeAttachment>,
+) -> Result<InstanceSpec> {
+    let image = guest_image()?;
+    Ok(InstanceSpec {
+        id: "i-0123456789abcdef0".into(),
+        vmm: vmm_binary(vmm)?,
+        vcpus: 2,
+        memory_mib: 512,
+        kernel: image.kernel,
+        initrd: image.initramfs,
+        cmdline: image.cmdline,
+        user_data: Some(script.into()),
+        volumes,
+        enis: vec![],
+        namespaces: vec![],
+        run_dir: dir.join("i-0123456789abcdef0"),
+        hotplug_slots: 2,
+        // KVM is not usable on these machines.
+        accel: Accel::Tcg,
+    })
+}
+
+/// Waits for `needle` on the instance's serial console (a file).
+fn wait_console(instance: &mut Instance, needle: &str, timeout: Duration) -> Result<()> {
+    let log = instance
+        .console_log()
+        .context("a launched instance")?
+        .to_path_buf();
+    let deadline = Instant::now() + timeout;
+    loop {
+        let text = String::from_utf8_lossy(&fs::read(&log).unwrap_or_default()).replace('\r', "");
+        if text.contains(needle) {
+            return Ok(());
+        }
+        if let Some(status) = instance.exit_status() {
+            bail!(
+                "QEMU exited ({status}) before {needle:?} on the console\n--- console tail ---\n{}",
+                tail(&text, 30)
+            );
+        }
+        if Instant::now() >= deadline {
+            bail!(
+                "no {needle:?} on the console within {timeout:?}\n--- console tail ---\n{}",
+                tail(&text, 30)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// The guest's script ran to its end with exit code 0, and QEMU exited.
+fn wait_script_ok(instance: &mut Instance, timeout: Duration) -> Result<()> {
+    wait_console(instance, &format!("{EXIT_MARKER} rc="), timeout)?;
+    wait_console(instance, &format!("{EXIT_MARKER} rc=0"), Duration::ZERO)?;
+    instance.stop(Duration::from_secs(20))?;
+    Ok(())
+}
+
+fn collect_events(events: &Receiver<CardEvent>) -> Vec<CardEvent> {
+    events.try_iter().collect()
+}
+
+#[test]
+fn guest_qemu11_volume_hot_attach_and_detach() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let (tx, _events) = crossbeam_channel::unbounded();
+    let supervisor = Supervisor::new(tx);
+    let root = Volume::new(dir.path(), "vol-0aaa")?;
+    let data = Volume::new(dir.path(), "vol-0bbb")?;
+    for v in [&root, &data] {
+        let card = v.card(dir.path())?;
+        let name = card.name.clone();
+        supervisor.start(card)?;
+        supervisor.wait_healthy(&name, Duration::from_secs(10))?;
+    }
+    let script = r#"
+wait_dev /dev/vda
+echo HR-WAITING-VDB
+wait_dev /dev/vdb 60
+echo HR-VDB-APPEARED
+yes hotplug | head -c 1048576 > /tmp/pattern
+dd if=/tmp/pattern of=/dev/vdb bs=65536 oflag=direct conv=fsync 2>/dev/null
+dd if=/dev/vdb bs=65536 count=16 iflag=direct 2>/dev/null | cmp - /tmp/pattern
+echo HR-VDB-READBACK-OK
+n=0
+while [ -e /dev/vdb ]; do
+    n=$((n + 1))
+    [ $n -gt 600 ] && { echo "HR-VDB-STILL-THERE"; exit 1; }
+    sleep 0.1
+done
+echo HR-VDB-GONE
+"#;
+    let mut instance = Instance::launch(spec(
+        Vmm::Qemu11,
+        dir.path(),
+        script,
+        vec![root.attachment()],
+    )?)?;
+    wait_console(&mut instance, "HR-WAITING-VDB", Duration::from_secs(60))?;
+
+    instance.attach_volume(&data.attachment())?;
+    ensure!(instance.devices()?.contains(&"blk-vol-0bbb".to_string()));
+    wait_console(&mut instance, "HR-VDB-READBACK-OK", Duration::from_secs(30))?;
+    // What the guest wrote went through the hot-plugged card to its file.
+    let mut head = vec![0u8; 4096];
+    fs::File::open(&data.backing)?.read_exact_at(&mut head, 0)?;
+    ensure!(
+        head.starts_with(b"hotplug\nhotplug\n"),
+        "the volume's file did not get the guest's write"
+    );
+
+    instance.detach_volume("vol-0bbb", Duration::from_secs(30))?;
+    ensure!(!instance.devices()?.contains(&"blk-vol-0bbb".to_string()));
+    wait_console(&mut instance, "HR-VDB-GONE", Duration::from_secs(30))?;
+    wait_script_ok(&mut instance, Duration::from_secs(30))?;
+    Ok(())
+}
+
+#[test]
+fn guest_qemu11_supervisor_restarts_a_killed_card_under_fio() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let (tx, events) = crossbeam_channel::unbounded();
+    let supervisor = Supervisor::new(tx);
+    let vol = Volume::new(dir.path(), "vol-0ccc")?;
+    let card = vol.card(dir.path())?;
+    let name = card.name.clone();
+    supervisor.start(card)?;
+    supervisor.wait_healthy(&name, Duration::from_secs(10))?;
+    // Rate-limited so the card dies in the middle of the write phase.
+    let script = r#"
+wait_dev /dev/vda
+echo HR-FIO-START
+fio --name=restart --filename=/dev/vda --rw=randwrite --bs=4k --iodepth=8 --ioengine=libaio \
+    --direct=1 --verify=crc32c --size=16M --rate_iops=1000 --output-format=terse
+echo HR-FIO-OK
+"#;
+    let mut instance = Instance::launch(spec(
+        Vmm::Qemu11,
+        dir.path(),
+        script,
+        vec![vol.attachment()],
+    )?)?;
+    wait_console(&mut instance, "HR-FIO-START", Duration::from_secs(60))?;
+    std::thread::sleep(Duration::from_secs(1));
+    let console = fs::read_to_string(instance.console_log().context("console")?)?;
+    ensure!(
+        !console.contains("HR-FIO-OK"),
+        "fio ended before the card was killed: slow it down"
+    );
+    let before = collect_events(&events);
+    let pid = supervisor.status(&name)?.pid.context("the card runs")?;
+    // SAFETY: kill(2) on the supervised card's pid, not yet reaped.
+    ensure!(unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) } == 0);
+
+    wait_script_ok(&mut instance, Duration::from_secs(60))?;
+    let console = fs::read_to_string(instance.console_log().context("console")?)?;
+    ensure!(console.contains("HR-FIO-OK"), "{}", tail(&console, 30));
+
+    let after: Vec<CardEventKind> = collect_events(&events)
+        .into_iter()
+        .filter(|e| e.card == name)
+        .map(|e| e.kind)
+        .collect();
+    ensure!(
+        before
+            .iter()
+            .all(|e| !matches!(e.kind, CardEventKind::Exited { .. })),
+        "the card exited before it was killed: {before:?}"
+    );
+    let exited = after
+        .iter()
+        .position(|k| matches!(k, CardEventKind::Exited { status } if status.signal() == Some(libc::SIGKILL)))
+        .with_context(|| format!("no Exited(SIGKILL) event: {after:?}"))?;
+    let started = after[exited..]
+        .iter()
+        .position(|k| matches!(k, CardEventKind::Started { pid: new } if *new != pid))
+        .with_context(|| format!("no Started after Exited: {after:?}"))?
+        + exited;
+    ensure!(
+        after[started..].contains(&CardEventKind::Healthy),
+        "no Healthy after the restart: {after:?}"
+    );
+    ensure!(supervisor.status(&name)?.restarts == 1);
+    Ok(())
+}
+
+#[test]
+fn guest_qemu7_bad_hot_plug_requests_change_nothing() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let (tx, _events) = crossbeam_channel::unbounded();
+    let supervisor = Supervisor::new(tx);
+    let vol = Volume::new(dir.path(), "vol-0ddd")?;
+    let card = vol.card(dir.path())?;
+    let name = card.name.clone();
+    supervisor.start(card)?;
+    supervisor.wait_healthy(&name, Duration::from_secs(10))?;
+
+    // vfio-user-pci is QEMU 10.1's: refused before anything starts.
+    let mut nvme = spec(Vmm::Qemu7, dir.path(), "", vec![])?;
+    nvme.namespaces.push(NvmeAttachment {
+        id: "nvme0".into(),
+        socket: dir.path().join("nvme.sock"),
+    });
+    let err = Instance::launch(nvme).unwrap_err();
+    ensure!(matches!(err, InstanceError::Unsupported { .. }), "{err}");
+
+    let mut spec = spec(Vmm::Qemu7, dir.path(), "echo HR-IDLE\nsleep 600", vec![])?;
+    spec.hotplug_slots = 1;
+    let mut instance = Instance::launch(spec)?;
+    wait_console(&mut instance, READY_MARKER, Duration::from_secs(60))?;
+    instance.attach_volume(&vol.attachment())?;
+    let devices = instance.devices()?;
+    let chardevs = instance
+        .qmp()
+        .execute("query-chardev", serde_json::json!({}))?;
+    ensure!(devices.contains(&"blk-vol-0ddd".to_string()), "{devices:?}");
+
+    let twice = instance.attach_volume(&vol.attachment()).unwrap_err();
+    ensure!(
+        matches!(&twice, InstanceError::AlreadyAttached { device, .. } if device == "blk-vol-0ddd"),
+        "{twice}"
+    );
+    let other = Volume::new(dir.path(), "vol-0eee")?;
+    let full = instance.attach_volume(&other.attachment()).unwrap_err();
+    ensure!(matches!(full, InstanceError::NoFreeSlot { .. }), "{full}");
+    let mut comma = other.attachment();
+    comma.id = "vol-1,bus=x".into();
+    let bad = instance.attach_volume(&comma).unwrap_err();
+    ensure!(matches!(bad, InstanceError::InvalidSpec { .. }), "{bad}");
+    ensure!(instance.devices()? == devices);
+    ensure!(
+        instance
+            .qmp()
+            .execute("query-chardev", serde_json::json!({}))?
+            == chardevs
+    );
+
+    let missing = instance
+        .detach_volume("vol-0fff", Duration::from_secs(5))
+        .unwrap_err();
+    ensure!(
+        matches!(&missing, InstanceError::NotAttached { device, .. } if device == "blk-vol-0fff"),
+        "{missing}"
+    );
+    ensure!(instance.devices()? == devices);
+    instance.detach_volume("vol-0ddd", Duration::from_secs(30))?;
+    ensure!(!instance.devices()?.contains(&"blk-vol-0ddd".to_string()));
+    ensure!(instance.status()?.running);
+
+    // The guest ignores ACPI power-off (busybox init): quit, then gone.
+    instance.stop(Duration::from_secs(2))?;
+    ensure!(instance.exit_status().is_some());
+    ensure!(instance.status().is_err());
+    Ok(())
+}
