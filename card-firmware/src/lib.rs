@@ -17,6 +17,7 @@
 //! - [`warn`]: rate-limited warnings, so a hostile guest cannot flood the log.
 
 pub mod control;
+pub mod inflight;
 pub mod media;
 pub mod metrics;
 pub mod middle;

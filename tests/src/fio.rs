@@ -5,8 +5,8 @@
 use anyhow::{Context, Result};
 use serde_json::Value;
 
-const BEGIN: &str = "CARDSIM-JSON-BEGIN";
-const END: &str = "CARDSIM-JSON-END";
+pub const BEGIN: &str = "CARDSIM-JSON-BEGIN";
+pub const END: &str = "CARDSIM-JSON-END";
 
 /// Guest script lines running fio on /dev/vda with JSON output between markers.
 pub fn job(name: &str, args: &str) -> String {

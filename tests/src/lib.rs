@@ -23,6 +23,7 @@ pub mod net_card;
 pub mod nvme_card;
 pub mod pagecache;
 pub mod sandbox;
+pub mod soak;
 mod vmm;
 
 use anyhow::{bail, Result};

@@ -5,12 +5,14 @@
 //! `BlockDevice` is made for every VMM connection; the [`Volume`] it serves
 //! outlives them all.
 
+use std::fs::File;
 use std::io;
 use std::os::unix::io::RawFd;
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use card_firmware::inflight::{self, InflightRegion};
 use card_firmware::vhost::{CardBackend, GuestMemory, Vring};
-use vhost::vhost_user::message::VhostUserProtocolFeatures;
+use vhost::vhost_user::message::{VhostUserInflight, VhostUserProtocolFeatures};
 use vhost_user_backend::VhostUserBackend;
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
@@ -74,6 +76,7 @@ impl VhostUserBackend for BlockDevice {
         VhostUserProtocolFeatures::CONFIG
             | VhostUserProtocolFeatures::MQ
             | VhostUserProtocolFeatures::REPLY_ACK
+            | VhostUserProtocolFeatures::INFLIGHT_SHMFD
     }
 
     fn set_event_idx(&self, _enabled: bool) {
@@ -92,6 +95,42 @@ impl VhostUserBackend for BlockDevice {
 
     fn update_memory(&self, _memory: GuestMemory) -> io::Result<()> {
         // Workers read the shared GuestMemoryAtomic, already updated.
+        Ok(())
+    }
+
+    /// A new region for the VMM to keep across card restarts.
+    fn get_inflight_fd(&self, asked: &VhostUserInflight) -> io::Result<(VhostUserInflight, File)> {
+        let (file, size) = inflight::create_region(
+            asked.num_queues,
+            asked.queue_size,
+            self.volume.num_queues,
+            self.volume.queue_size,
+        )
+        .map_err(refused_region)?;
+        let answer = VhostUserInflight::new(size, 0, asked.num_queues, asked.queue_size);
+        Ok((answer, file))
+    }
+
+    /// The VMM hands the region back, after a restart with what was in
+    /// flight: each queue worker recovers from it when its ring starts.
+    fn set_inflight_fd(&self, region: &VhostUserInflight, file: File) -> io::Result<()> {
+        let mapped = InflightRegion::map(
+            &file,
+            region.mmap_size,
+            region.mmap_offset,
+            region.num_queues,
+            region.queue_size,
+            self.volume.num_queues,
+            self.volume.queue_size,
+        )
+        .map_err(refused_region)?;
+        for (index, worker) in self.workers.iter().enumerate() {
+            let queue = u16::try_from(index).ok().and_then(|i| mapped.queue(i));
+            worker
+                .lock()
+                .map_err(|_| io::Error::other("queue worker poisoned"))?
+                .track_inflight(queue);
+        }
         Ok(())
     }
 
@@ -134,6 +173,11 @@ impl VhostUserBackend for BlockDevice {
         }
         Ok(())
     }
+}
+
+fn refused_region(e: inflight::InflightError) -> io::Error {
+    tracing::warn!(error = %e, "inflight region refused");
+    io::Error::new(io::ErrorKind::InvalidInput, e)
 }
 
 impl CardBackend for BlockDevice {

@@ -31,6 +31,9 @@ pub struct QueueMetrics {
     pub media_errors: AtomicU64,
     /// Chains the guest made available again while still in flight.
     pub duplicate_heads: AtomicU64,
+    /// Requests a killed card left in flight, resubmitted from the VMM's
+    /// inflight region when this card took over.
+    pub resubmitted: AtomicU64,
 }
 
 impl QueueMetrics {
@@ -66,6 +69,7 @@ impl QueueMetrics {
             "read_only_refusals": get(&self.read_only_refusals),
             "media_errors": get(&self.media_errors),
             "duplicate_heads": get(&self.duplicate_heads),
+            "resubmitted": get(&self.resubmitted),
         })
     }
 }

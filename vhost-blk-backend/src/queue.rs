@@ -18,9 +18,11 @@
 //! needs N slots, all allocated when the queue starts.
 
 use std::collections::VecDeque;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
 
+use card_firmware::inflight::{QueueInflight, ResubmittedChains};
 use card_firmware::media::FileMedia;
 use card_firmware::middle::Admission;
 use card_firmware::ring::{Completion, QueueRing};
@@ -92,6 +94,10 @@ pub struct QueueWorker {
     /// The vring this worker serves, known from its first event; needed when
     /// the VMM stops the queue from another thread.
     vring: Option<Vring>,
+    /// This queue's part of the VMM's inflight region, when it gave one.
+    inflight: Option<QueueInflight>,
+    /// Reconcile with the inflight region before taking new requests.
+    recover_pending: bool,
 }
 
 fn direction(kind: RequestKind) -> Option<IoDirection> {
@@ -135,7 +141,16 @@ impl QueueWorker {
             completions: Vec::with_capacity(queue_size),
             volume,
             vring: None,
+            inflight: None,
+            recover_pending: false,
         })
+    }
+
+    /// Track this queue's requests in the VMM's inflight region (None: stop
+    /// tracking). Called before the ring starts; its first kick recovers.
+    pub fn track_inflight(&mut self, inflight: Option<QueueInflight>) {
+        self.recover_pending = inflight.is_some();
+        self.inflight = inflight;
     }
 
     pub fn completion_fd(&self) -> std::os::unix::io::RawFd {
@@ -157,6 +172,9 @@ impl QueueWorker {
         let mut state = vring.get_mut();
         if !state.get_queue().ready() {
             return;
+        }
+        if self.recover_pending {
+            self.recover(&mut state, &memory);
         }
         loop {
             let queue = state.get_queue_mut();
@@ -251,6 +269,56 @@ impl QueueWorker {
         self.vring = None;
     }
 
+    /// The ring has started on an inflight region: continue the available
+    /// ring after every request this queue ever took, and resubmit those a
+    /// killed card left unfinished, oldest first (card-firmware's inflight).
+    fn recover(
+        &mut self,
+        state: &mut <Vring as VringStateMutGuard<'_, GuestMemory>>::G,
+        memory: &Arc<GuestMemoryMmap>,
+    ) {
+        self.recover_pending = false;
+        let Some(inflight) = self.inflight.as_mut() else {
+            return;
+        };
+        let queue = state.get_queue_mut();
+        let used_idx = match queue.used_idx(&**memory, Ordering::Acquire) {
+            Ok(idx) => idx.0,
+            Err(e) => {
+                tracing::warn!(queue = self.index, error = %e, "cannot read the used index; nothing resubmitted");
+                return;
+            }
+        };
+        let recovery = inflight.recover(used_idx);
+        if let Some(next_avail) = recovery.next_avail {
+            queue.set_next_avail(next_avail);
+        }
+        if recovery.resubmit.is_empty() {
+            return;
+        }
+        tracing::info!(
+            queue = self.index,
+            requests = recovery.resubmit.len(),
+            "resubmitting requests left in flight by the previous card"
+        );
+        QueueMetrics::count(&self.metrics().resubmitted, recovery.resubmit.len() as u64);
+        let mut chains = match ResubmittedChains::new(
+            memory,
+            queue.desc_table(),
+            queue.size(),
+            &recovery.resubmit,
+        ) {
+            Ok(chains) => chains,
+            Err(e) => {
+                tracing::error!(queue = self.index, error = %e, "cannot resubmit");
+                return;
+            }
+        };
+        while let Some(chain) = chains.next_chain() {
+            self.start(chain, memory);
+        }
+    }
+
     fn remember(&mut self, vring: &Vring) {
         if self.vring.is_none() {
             self.vring = Some(vring.clone());
@@ -265,6 +333,9 @@ impl QueueWorker {
 
     fn start(&mut self, chain: DescriptorChain<&GuestMemoryMmap>, memory: &Arc<GuestMemoryMmap>) {
         let head = chain.head_index();
+        if let Some(inflight) = self.inflight.as_mut() {
+            inflight.taken(head);
+        }
         QueueMetrics::count(&self.metrics().requests, 1);
         let volume = request::Volume {
             capacity: self.volume.media.capacity(),
@@ -618,8 +689,21 @@ impl QueueWorker {
         }
         let queue = state.get_queue_mut();
         for (head, len) in self.finished.drain(..) {
-            if let Err(e) = queue.add_used(memory, head, len) {
-                tracing::warn!(queue = self.index, head, error = %e, "cannot add used entry");
+            // Exactly once across a restart: the region says which head was
+            // being published when the used index moved (card-firmware's
+            // inflight).
+            if let Some(inflight) = &self.inflight {
+                inflight.publishing(head);
+            }
+            match queue.add_used(memory, head, len) {
+                Ok(()) => {
+                    if let Some(inflight) = &self.inflight {
+                        inflight.published(head, queue.next_used());
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(queue = self.index, head, error = %e, "cannot add used entry")
+                }
             }
         }
         match queue.needs_notification(memory) {

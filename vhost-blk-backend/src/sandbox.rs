@@ -17,6 +17,11 @@ pub fn allowlist() -> Allowlist {
         SYS_rename,
         SYS_renameat,
         SYS_renameat2,
+        // The inflight region: created for GET_INFLIGHT_FD, sized by
+        // lseek when the VMM hands it back (card_firmware::inflight).
+        SYS_memfd_create,
+        SYS_ftruncate,
+        SYS_lseek,
     ])
 }
 

@@ -3,6 +3,7 @@
 mod demo;
 mod deps;
 mod fuzz;
+mod soak;
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
@@ -47,6 +48,20 @@ enum Cmd {
         /// One target (see `fuzz/Cargo.toml` or docs/SECURITY.md); all if
         /// omitted.
         target: Option<String>,
+    },
+    /// Kill -9 and restart the block card (release build) under a guest's
+    /// verified writes, again and again; fails on any lost or duplicated
+    /// write, and prints the longest I/O pause the guest saw.
+    Soak {
+        /// How many restarts.
+        #[arg(long, default_value_t = 100)]
+        restarts: u32,
+        /// QEMU 7.2 (`reconnect=1`) instead of 11.1 (`reconnect-ms=50`).
+        #[arg(long)]
+        qemu7: bool,
+        /// Seeds the kill times and the card's latency model.
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
     },
 }
 
@@ -96,6 +111,11 @@ fn run(cmd: Cmd) -> Result<()> {
             seconds,
             target,
         } => fuzz::run(quick, seconds, target.as_deref()),
+        Cmd::Soak {
+            restarts,
+            qemu7,
+            seed,
+        } => soak::run(restarts, qemu7, seed),
     }
 }
 
