@@ -89,8 +89,8 @@ fn dhcp_pair(vmm: Vmm, smp: u32, server_extra: &str, client_body: &str) -> PairS
 }
 
 /// Checks the lease a guest printed: its ENI's address, the subnet's
-/// gateway, the VPC's MTU.
-fn check_lease(console: &str, ip: &str) -> Result<()> {
+/// gateway, the port's MTU (the VPC's, or the lower one its VMM set).
+fn check_lease(console: &str, ip: &str, mtu: &str) -> Result<()> {
     let lease = dhcp_lease(console).context("no DHCP-BOUND line: udhcpc got no lease")?;
     ensure!(lease.ip == ip, "leased {} instead of {ip}", lease.ip);
     ensure!(
@@ -99,12 +99,19 @@ fn check_lease(console: &str, ip: &str) -> Result<()> {
         lease.mask
     );
     ensure!(lease.router == "10.0.1.1", "router {}", lease.router);
-    ensure!(lease.mtu == "1500", "MTU option {:?}", lease.mtu);
+    ensure!(
+        lease.mtu == mtu,
+        "MTU option {:?} instead of {mtu}",
+        lease.mtu
+    );
     Ok(())
 }
 
 /// Two guests on QEMU 11.1 (MSI-X, two queue pairs each) get their addresses
-/// by DHCP, ping each other and run iperf3 both ways.
+/// by DHCP, ping each other and run iperf3 both ways. The client's QEMU sets
+/// `host_mtu=1400` (VHOST_USER_NET_SET_MTU): its link and its DHCP lease say
+/// 1400, and the server's 1478-byte echo replies (its MTU is the VPC's 1500)
+/// are dropped before they reach it, and counted.
 #[test]
 fn dhcp_ping_and_iperf3_between_two_guests_qemu11_multiqueue_guest() -> Result<()> {
     let mut card = NetCard::start(&vpc_config(2, "", ""), &[])?;
@@ -116,6 +123,13 @@ fn dhcp_ping_and_iperf3_between_two_guests_qemu11_multiqueue_guest() -> Result<(
             r#"
 echo "queues: $(ls /sys/class/net/eth0/queues | tr '\n' ' ')"
 [ -e /sys/class/net/eth0/queues/rx-1 ] || {{ echo "only one queue pair"; exit 1; }}
+ip link show eth0
+mtu=$(cat /sys/class/net/eth0/mtu)
+echo "eth0 mtu: $mtu"
+[ "$mtu" = 1400 ] || {{ echo "eth0 MTU is $mtu, not the host_mtu 1400"; exit 1; }}
+ping -c 2 -W 2 -s 1372 {IP_B} > /dev/null || {{ echo "no answer to a 1400-byte ping"; exit 1; }}
+if ping -c 2 -W 2 -s 1450 {IP_B}; then echo "MTU-BREACH: 1478-byte replies reached a 1400-byte link"; exit 1; fi
+echo MTU-ENFORCED
 iperf_json up -c {IP_B} -t 3 -P 2
 iperf_json down -c {IP_B} -t 3 -P 2 -R
 "#
@@ -124,10 +138,24 @@ iperf_json down -c {IP_B} -t 3 -P 2 -R
     let run = run_pair(
         &spec,
         |g| Ok(g.vhost_user_net(card.socket("eni-b")?, MAC_B, 2)),
-        |g| Ok(g.vhost_user_net(card.socket("eni-a")?, MAC_A, 2)),
+        |g| {
+            Ok(g.vhost_user_net(card.socket("eni-a")?, MAC_A, 2)
+                .qemu_arg("-global")
+                .qemu_arg("virtio-net-pci.host_mtu=1400"))
+        },
     )?;
-    check_lease(&run.server_console, IP_B).context("server")?;
-    check_lease(&run.client.console, IP_A).context("client")?;
+    check_lease(&run.server_console, IP_B, "1500").context("server")?;
+    check_lease(&run.client.console, IP_A, "1400").context("client")?;
+    ensure!(
+        run.client.console.contains("eth0 mtu: 1400")
+            && run.client.console.contains("MTU-ENFORCED"),
+        "the client's MTU checks did not finish"
+    );
+    let oversized = card.counter("eni-a", "rx_oversized")?;
+    ensure!(
+        oversized >= 2,
+        "{oversized} frames above the client's MTU counted (2 echo replies expected)"
+    );
     for name in ["up", "down"] {
         let bps = iperf_received_bps(&run.client.console, name)?;
         eprintln!("iperf3 {name}: {:.0} Mbit/s", bps / 1e6);
@@ -163,7 +191,7 @@ echo SG-BLOCKED
         |g| Ok(g.vhost_user_net(card.socket("eni-b")?, MAC_B, 1)),
         |g| Ok(g.vhost_user_net(card.socket("eni-a")?, MAC_A, 1)),
     )?;
-    check_lease(&run.client.console, IP_A)?;
+    check_lease(&run.client.console, IP_A, "1500")?;
     let bps = iperf_received_bps(&run.client.console, "allowed")?;
     ensure!(bps > 1e6, "iperf3 to the allowed port: only {bps} bit/s");
     ensure!(run.client.console.contains("SG-BLOCKED"));

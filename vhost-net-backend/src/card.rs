@@ -18,7 +18,7 @@
 use std::collections::VecDeque;
 use std::fs::File;
 use std::net::{SocketAddr, UdpSocket};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU16, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
@@ -52,6 +52,9 @@ pub struct Port {
     pub counters: PortCounters,
     pub outbound: Allowance,
     pub inbound: Allowance,
+    /// The MTU in force: the ENI's, or the lower one the VMM set
+    /// (VHOST_USER_NET_SET_MTU, QEMU's `host_mtu`) for this connection.
+    mtu: AtomicU16,
     rx: RwLock<Option<Arc<RxSide>>>,
 }
 
@@ -207,6 +210,11 @@ impl RxSide {
 }
 
 impl Port {
+    /// The MTU in force on this port.
+    pub fn mtu(&self) -> u16 {
+        self.mtu.load(Ordering::Relaxed)
+    }
+
     pub fn publish(&self, rx: Arc<RxSide>) {
         *self.rx.write().unwrap_or_else(|p| p.into_inner()) = Some(rx);
     }
@@ -265,6 +273,7 @@ impl Card {
                     counters: PortCounters::default(),
                     outbound: allowance("out")?,
                     inbound: allowance("in")?,
+                    mtu: AtomicU16::new(eni.mtu),
                     rx: RwLock::new(None),
                 }))
             })
@@ -300,6 +309,45 @@ impl Card {
         })
     }
 
+    /// The VMM sets `port`'s MTU (VHOST_USER_NET_SET_MTU). Outside what a
+    /// virtio-net device can have (68..=65535) it is refused; above the
+    /// ENI's MTU it is clamped to it, with a warning (the guest then thinks
+    /// its link takes more than the VPC carries, and what it sends above the
+    /// ENI's MTU is dropped). Returns whether the request is accepted.
+    pub fn set_port_mtu(&self, port: PortId, requested: u64) -> bool {
+        let Some(p) = self.ports.get(port) else {
+            return false;
+        };
+        let Some(requested) = u16::try_from(requested)
+            .ok()
+            .filter(|m| *m >= *vpc::config::MTU_RANGE.start())
+        else {
+            tracing::warn!(eni = %p.eni.id, requested, "the VMM set an MTU no virtio-net device can have: refused");
+            return false;
+        };
+        if requested > p.eni.mtu {
+            tracing::warn!(
+                eni = %p.eni.id,
+                requested,
+                mtu = p.eni.mtu,
+                "the VMM set an MTU above the ENI's (host_mtu): the ENI's is kept, frames above it are dropped"
+            );
+        }
+        let mtu = requested.min(p.eni.mtu);
+        p.mtu.store(mtu, Ordering::Relaxed);
+        self.switch().set_port_mtu(port, mtu);
+        tracing::info!(eni = %p.eni.id, mtu, "port MTU");
+        true
+    }
+
+    /// A new VMM connection starts from the ENI's own MTU.
+    pub fn reset_port_mtu(&self, port: PortId) {
+        if let Some(p) = self.ports.get(port) {
+            p.mtu.store(p.eni.mtu, Ordering::Relaxed);
+            self.switch().set_port_mtu(port, p.eni.mtu);
+        }
+    }
+
     /// Model time for the token buckets.
     pub fn now(&self) -> Duration {
         self.epoch.elapsed()
@@ -323,6 +371,7 @@ impl Card {
                 let mut v = p.counters.snapshot();
                 v["id"] = json!(p.eni.id);
                 v["connected"] = json!(p.rx_side().is_some());
+                v["mtu"] = json!(p.mtu());
                 if let Some(c) = switch.port_counters(p.id) {
                     v["conntrack_allowance_exceeded"] = json!(c.conntrack_allowance_exceeded);
                     v["switch"] = switch_counters(c);
@@ -451,6 +500,12 @@ impl Card {
             return;
         };
         let negotiated = rx.negotiated();
+        // A frame longer than the port's MTU is what a NIC drops as a length
+        // error (GSO frames are cut to the MTU below or by the guest).
+        if !header.is_gso() && frame.len() > usize::from(dst.mtu()) + vpc::packet::ETH_HLEN {
+            add(&dst.counters.rx_oversized, 1);
+            return;
+        }
         let packets = crate::allowance::wire_packets(header, frame.len());
         if let Err(e) = dst.inbound.take(frame.len() as u64, packets, self.now()) {
             add(
@@ -470,7 +525,7 @@ impl Card {
         } && (header.gso_type & vpc::vnet::GSO_ECN == 0 || negotiated.guest_ecn);
         if !takes_gso {
             add(&dst.counters.rx_segmented, 1);
-            let mtu = dst.eni.mtu;
+            let mtu = dst.mtu();
             let segmented = vpc::offload::segment(header, frame, mtu, &mut |segment: &[u8]| {
                 deliver_one(dst, &rx, negotiated, &VnetHeader::plain(), segment, out);
             });

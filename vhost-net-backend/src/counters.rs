@@ -35,6 +35,8 @@ pub struct PortCounters {
     /// Frames for this port dropped because software segmentation or
     /// checksum completion found their headers inconsistent.
     pub rx_offload_errors: AtomicU64,
+    /// Frames for this port dropped because they are longer than its MTU.
+    pub rx_oversized: AtomicU64,
     /// Descriptor chains refused, by reason.
     pub chain_errors: [AtomicU64; ChainError::ALL.len()],
 }
@@ -74,6 +76,7 @@ impl PortCounters {
             "rx_segmented": get(&self.rx_segmented),
             "rx_checksummed": get(&self.rx_checksummed),
             "rx_offload_errors": get(&self.rx_offload_errors),
+            "rx_oversized": get(&self.rx_oversized),
             "chain_errors": chains,
         })
     }

@@ -70,6 +70,8 @@ impl PortDevice {
             })
             .collect::<io::Result<_>>()?;
         let config_space = features::config_space(port.eni.mac.0, pairs as u16, port.eni.mtu);
+        // Until this connection's VMM sets one (NET_SET_MTU).
+        card.reset_port_mtu(port.id);
         port.publish(rx.clone());
         Ok(PortDevice {
             card,
@@ -654,6 +656,65 @@ mod tests {
         assert_eq!(&got[12..], &frame[..]);
         assert_eq!(counter(&card.ports[0].counters.tx_packets), 1);
         assert_eq!(counter(&card.ports[1].counters.rx_packets), 1);
+    }
+
+    /// The MTU a VMM sets (NET_SET_MTU): taken if a virtio-net device can
+    /// have it, clamped to the ENI's, in force both ways (what the guest sends
+    /// above it is dropped by the switch, what would reach it above it is
+    /// dropped and counted), and back to the ENI's on the next connection.
+    #[test]
+    fn the_mtu_the_vmm_sets_is_enforced_both_ways_and_clamped_to_the_enis() {
+        let card = card("");
+        let mut a = Guest::connect(&card, 0, features());
+        let mut b = Guest::connect(&card, 1, features());
+        for (requested, accepted, mtu) in [
+            (67, false, 1500),
+            (70_000, false, 1500),
+            (u64::MAX, false, 1500),
+            (9000, true, 1500),
+            (1400, true, 1400),
+        ] {
+            assert_eq!(card.set_port_mtu(0, requested), accepted, "{requested}");
+            assert_eq!(card.ports[0].mtu(), mtu, "{requested}");
+            assert_eq!(card.switch().port_mtu(0), Some(mtu), "{requested}");
+        }
+        assert!(!card.set_port_mtu(7, 1400), "no such port");
+        a.post_rx(4, 2048);
+        a.kick(0);
+        b.post_rx(4, 2048);
+        b.kick(0);
+        // A sends 1428 bytes of IP (above 1400): dropped as oversized; 1400 goes.
+        a.send(
+            &VnetHeader::plain(),
+            &ping(MAC_A, [10, 0, 1, 10], [10, 0, 1, 11], 1400),
+        );
+        a.send(
+            &VnetHeader::plain(),
+            &ping(MAC_A, [10, 0, 1, 10], [10, 0, 1, 11], 1372),
+        );
+        a.kick(1);
+        assert_eq!(b.used(0).len(), 1);
+        assert_eq!(b.received(0).len(), 12 + 14 + 1400);
+        let drops = card
+            .switch()
+            .port_counters(0)
+            .unwrap()
+            .drops(vpc::switch::DropReason::Oversized);
+        assert_eq!(drops, 1);
+        // B (MTU 1500) answers with 1428 bytes of IP: too long for A.
+        let big = ping_to(MAC_A, MAC_B, [10, 0, 1, 11], [10, 0, 1, 10], 1400);
+        b.send(&VnetHeader::plain(), &big);
+        b.kick(1);
+        assert!(a.used(0).is_empty());
+        assert_eq!(counter(&card.ports[0].counters.rx_oversized), 1);
+        let fits = ping_to(MAC_A, MAC_B, [10, 0, 1, 11], [10, 0, 1, 10], 1372);
+        b.send(&VnetHeader::plain(), &fits);
+        b.kick(1);
+        assert_eq!(a.used(0).len(), 1);
+        // The next VMM connection starts from the ENI's MTU.
+        let _a = Guest::connect(&card, 0, features());
+        assert_eq!(card.ports[0].mtu(), 1500);
+        assert_eq!(card.switch().port_mtu(0), Some(1500));
     }
 
     #[test]

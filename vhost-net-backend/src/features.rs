@@ -44,10 +44,14 @@ pub fn offered() -> u64 {
 }
 
 /// The vhost-user protocol features a port offers. MQ lets QEMU ask how many
-/// queues there are; REPLY_ACK lets it wait for each request's outcome.
+/// queues there are; REPLY_ACK lets it wait for each request's outcome; MTU
+/// (NET_MTU) has it tell the port the MTU it gives the guest (`host_mtu`),
+/// answered by the listener's handler (third_party/vhost/CARDSIM-PATCH.md).
 /// CONFIG is not offered: QEMU's virtio-net builds its config space itself.
 pub fn protocol() -> VhostUserProtocolFeatures {
-    VhostUserProtocolFeatures::MQ | VhostUserProtocolFeatures::REPLY_ACK
+    VhostUserProtocolFeatures::MQ
+        | VhostUserProtocolFeatures::REPLY_ACK
+        | VhostUserProtocolFeatures::MTU
 }
 
 /// What the driver and the port agreed on, as the data path needs it.

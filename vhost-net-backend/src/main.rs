@@ -147,9 +147,11 @@ fn run(args: Args) -> Result<(), Failure> {
     // the jail.
     let mut listeners = Vec::new();
     for port in &card.ports {
-        let listener = vhost::listen(&port.eni.socket)
+        let mut listener = vhost::listen(&port.eni.socket)
             .with_context(|| format!("eni {}", port.eni.id))
             .map_err(Failure::Config)?;
+        let (c, id) = (card.clone(), port.id);
+        listener.set_net_mtu_handler(Arc::new(move |mtu| c.set_port_mtu(id, mtu)));
         listeners.push((port.clone(), listener));
     }
     let control = match &args.control {

@@ -1,8 +1,10 @@
-//! QEMU's virtio-net sends SET_VRING_ENABLE before SET_FEATURES (see
-//! third_party/vhost/CARDSIM-PATCH.md). This speaks raw vhost-user to a real
-//! port of the card, in QEMU's order, and checks the port answers on the same
-//! connection afterwards. With the unpatched vhost crate the card drops the
-//! connection at SET_VRING_ENABLE and the next read finds it closed.
+//! The requests third_party/vhost is patched for (see its CARDSIM-PATCH.md),
+//! spoken as raw vhost-user to a real port of the card:
+//! - QEMU's virtio-net sends SET_VRING_ENABLE before SET_FEATURES: the port
+//!   must answer on the same connection afterwards (with the unpatched crate
+//!   the card drops the connection and the next read finds it closed);
+//! - NET_SET_MTU (QEMU's `host_mtu`): answered (REPLY_ACK) and in force, an
+//!   impossible MTU refused without dropping the connection.
 
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
@@ -16,12 +18,14 @@ const GET_PROTOCOL_FEATURES: u32 = 15;
 const SET_PROTOCOL_FEATURES: u32 = 16;
 const GET_QUEUE_NUM: u32 = 17;
 const SET_VRING_ENABLE: u32 = 18;
+const NET_SET_MTU: u32 = 20;
 const VERSION: u32 = 0x1;
 const REPLY: u32 = 0x4;
 const NEED_REPLY: u32 = 0x8;
 const PROTOCOL_FEATURES: u64 = 1 << 30;
 const PROTOCOL_MQ: u64 = 1 << 0;
 const PROTOCOL_REPLY_ACK: u64 = 1 << 3;
+const PROTOCOL_NET_MTU: u64 = 1 << 4;
 
 struct Card(Child);
 impl Drop for Card {
@@ -32,6 +36,10 @@ impl Drop for Card {
 }
 
 fn start_card(dir: &std::path::Path) -> (Card, std::path::PathBuf) {
+    start_card_with(dir, &[])
+}
+
+fn start_card_with(dir: &std::path::Path, extra: &[&str]) -> (Card, std::path::PathBuf) {
     let socket = dir.join("eni-0a1.sock");
     let config = dir.join("vpc.toml");
     std::fs::write(
@@ -60,6 +68,7 @@ queue_pairs = 2
     let child = Command::new(env!("CARGO_BIN_EXE_vhost-net-backend"))
         .arg("--config")
         .arg(&config)
+        .args(extra)
         .stdin(Stdio::null())
         .spawn()
         .unwrap();
@@ -163,6 +172,65 @@ fn an_out_of_range_ring_is_refused_without_ending_the_card() {
     // The card serves the next connection.
     let mut s = UnixStream::connect(&socket).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    send(&mut s, GET_FEATURES, 0, &[]);
+    assert_eq!(reply(&mut s, GET_FEATURES), Some(features));
+}
+
+/// The MTU the port is using, from its `--metrics` file (rewritten every
+/// second): waits until it reads `want`.
+fn wait_for_mtu(metrics: &std::path::Path, want: u64) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut last = None;
+    while Instant::now() < deadline {
+        if let Ok(text) = std::fs::read_to_string(metrics) {
+            if let Ok(v) = serde_json::from_str::<serde_json::Value>(&text) {
+                last = v["enis"][0]["mtu"].as_u64();
+                if last == Some(want) {
+                    return;
+                }
+            }
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("the port's MTU is {last:?}, not {want}");
+}
+
+#[test]
+fn net_set_mtu_is_answered_clamped_and_refused_when_impossible() {
+    let dir = tempfile::tempdir().unwrap();
+    let metrics = dir.path().join("metrics.json");
+    let metrics_arg = metrics.display().to_string();
+    let (_card, socket) = start_card_with(
+        dir.path(),
+        &["--no-sandbox", "--metrics", metrics_arg.as_str()],
+    );
+    let mut s = UnixStream::connect(&socket).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    send(&mut s, GET_FEATURES, 0, &[]);
+    let features = reply(&mut s, GET_FEATURES).unwrap();
+    send(&mut s, GET_PROTOCOL_FEATURES, 0, &[]);
+    let protocol = reply(&mut s, GET_PROTOCOL_FEATURES).unwrap();
+    assert_ne!(protocol & PROTOCOL_NET_MTU, 0, "NET_MTU offered");
+    let wanted = PROTOCOL_MQ | PROTOCOL_REPLY_ACK | PROTOCOL_NET_MTU;
+    send(&mut s, SET_PROTOCOL_FEATURES, 0, &wanted.to_le_bytes());
+    send(&mut s, SET_OWNER, 0, &[]);
+    send(&mut s, SET_FEATURES, NEED_REPLY, &features.to_le_bytes());
+    assert_eq!(reply(&mut s, SET_FEATURES), Some(0));
+    wait_for_mtu(&metrics, 1500);
+
+    // What QEMU sends for host_mtu=1400: accepted, in force.
+    send(&mut s, NET_SET_MTU, NEED_REPLY, &1400u64.to_le_bytes());
+    assert_eq!(reply(&mut s, NET_SET_MTU), Some(0));
+    wait_for_mtu(&metrics, 1400);
+    // No virtio-net device has these: refused, the connection goes on.
+    for mtu in [67u64, 65_536, u64::MAX] {
+        send(&mut s, NET_SET_MTU, NEED_REPLY, &mtu.to_le_bytes());
+        assert_eq!(reply(&mut s, NET_SET_MTU), Some(1), "MTU {mtu}");
+    }
+    // Above the ENI's 1500: accepted, clamped to it.
+    send(&mut s, NET_SET_MTU, NEED_REPLY, &9000u64.to_le_bytes());
+    assert_eq!(reply(&mut s, NET_SET_MTU), Some(0));
+    wait_for_mtu(&metrics, 1500);
     send(&mut s, GET_FEATURES, 0, &[]);
     assert_eq!(reply(&mut s, GET_FEATURES), Some(features));
 }

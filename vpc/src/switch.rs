@@ -302,6 +302,8 @@ impl Fragments {
 struct Port {
     conntrack: Conntrack,
     counters: PortCounters,
+    /// The MTU in force: the ENI's, or the lower one its VMM set.
+    mtu: u16,
 }
 
 pub struct Switch {
@@ -338,6 +340,7 @@ impl Switch {
             .map(|e| Port {
                 conntrack: Conntrack::new(e.conntrack_entries),
                 counters: PortCounters::default(),
+                mtu: e.mtu,
             })
             .collect();
         let port_groups = config
@@ -384,6 +387,20 @@ impl Switch {
 
     pub fn counters(&self) -> &SwitchCounters {
         &self.counters
+    }
+
+    /// The MTU in force on `port`: frames the guest sends above it are dropped (`oversized`) and DHCP hands it
+    /// out (option 26).
+    pub fn port_mtu(&self, port: PortId) -> Option<u16> {
+        self.ports.get(port).map(|p| p.mtu)
+    }
+
+    /// Sets the MTU in force on `port` (the card clamps it to the ENI's first); ignored for a port the switch
+    /// does not have.
+    pub fn set_port_mtu(&mut self, port: PortId, mtu: u16) {
+        if let Some(p) = self.ports.get_mut(port) {
+            p.mtu = mtu;
+        }
     }
 
     /// Flows tracked on `port` (expired ones included until swept).
@@ -581,7 +598,7 @@ impl Switch {
         now: Instant,
     ) -> Result<Verdict, (PortId, DropReason)> {
         let eni = &self.config.enis[port];
-        let (eni_mac, eni_ip, mtu) = (eni.mac, eni.ip, eni.mtu);
+        let (eni_mac, eni_ip, mtu) = (eni.mac, eni.ip, self.ports[port].mtu);
         let subnet = &self.config.subnets[eni.subnet_index];
         let (gateway, subnet_cidr) = (subnet.gateway, subnet.cidr);
         let router_mac = self.config.vpc.router_mac;
@@ -759,7 +776,7 @@ impl Switch {
             router: subnet.gateway,
             dns: self.config.vpc.dns,
             lease_secs: self.config.vpc.lease_time,
-            mtu: eni.mtu,
+            mtu: self.ports[port].mtu,
         };
         let payload = frame
             .get(ip.l4_offset() + 8..ip.end())

@@ -31,10 +31,15 @@ impl<'a, S: VhostUserBackendReqHandler> BackendListener<'a, S> {
     /// was detected
     pub fn accept(&mut self) -> Result<Option<BackendReqHandler<S>>> {
         if let Some(fd) = self.listener.accept()? {
-            return Ok(Some(BackendReqHandler::new(
+            let mut handler = BackendReqHandler::new(
                 Endpoint::<VhostUserMsgHeader<FrontendReq>>::from_stream(fd),
                 self.backend.take().unwrap(),
-            )));
+            );
+            // CARDSIM-PATCH: the listener's NET_SET_MTU handler, if any.
+            if let Some(net_mtu) = self.listener.net_mtu_handler() {
+                handler.set_net_mtu_handler(net_mtu);
+            }
+            return Ok(Some(handler));
         }
         Ok(None)
     }

@@ -387,6 +387,8 @@ pub struct BackendReqHandler<S: VhostUserBackendReqHandler> {
     // them first), replayed to the backend once the features are set.
     features_set: bool,
     early_vring_enable: Vec<(u32, bool)>,
+    // CARDSIM-PATCH: answers VHOST_USER_NET_SET_MTU (none: refused).
+    net_mtu: Option<super::NetMtuHandler>,
 
     // sending ack for messages without payload
     reply_ack_enabled: bool,
@@ -412,6 +414,7 @@ impl<S: VhostUserBackendReqHandler> BackendReqHandler<S> {
             // CARDSIM-PATCH: see the field.
             features_set: false,
             early_vring_enable: Vec::new(),
+            net_mtu: None,
             reply_ack_enabled: false,
             #[cfg(feature = "postcopy")]
             postcopy_state: PostcopyState::Inactive,
@@ -433,6 +436,12 @@ impl<S: VhostUserBackendReqHandler> BackendReqHandler<S> {
         } else {
             Err(Error::InactiveOperation(feat))
         }
+    }
+
+    // CARDSIM-PATCH: see `NetMtuHandler`.
+    /// Answers `VHOST_USER_NET_SET_MTU` with `handler`.
+    pub fn set_net_mtu_handler(&mut self, handler: super::NetMtuHandler) {
+        self.net_mtu = Some(handler);
     }
 
     /// Create a vhost-user backend endpoint from a connected socket.
@@ -890,6 +899,23 @@ impl<S: VhostUserBackendReqHandler> BackendReqHandler<S> {
                 let msg = self.extract_request_body::<VhostUserLog>(&hdr, size, &buf)?;
                 self.backend.set_log_base(&msg, file)?;
                 self.send_reply_message(&hdr, &msg)?;
+            }
+            // CARDSIM-PATCH: the MTU a net frontend sets (QEMU's `host_mtu`): a u64
+            // payload, only with the NET_MTU protocol feature. With REPLY_ACK the
+            // frontend learns whether the backend took it (zero: yes); a refused MTU
+            // is answered, not a reason to drop the connection.
+            Ok(FrontendReq::NET_SET_MTU) if self.net_mtu.is_some() => {
+                self.check_proto_feature(VhostUserProtocolFeatures::MTU)?;
+                let msg = self.extract_request_body::<VhostUserU64>(&hdr, size, &buf)?;
+                let accepted = self.net_mtu.as_ref().is_some_and(|h| h(msg.value));
+                if self.reply_ack_enabled && hdr.is_need_reply() {
+                    let reply = self.new_reply_header::<VhostUserU64>(&hdr, 0)?;
+                    self.main_sock.send_message(
+                        &reply,
+                        &VhostUserU64::new(u64::from(!accepted)),
+                        None,
+                    )?;
+                }
             }
             _ => {
                 return Err(Error::InvalidMessage);

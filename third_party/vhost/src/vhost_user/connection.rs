@@ -20,10 +20,20 @@ use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 use super::message::*;
 use super::{Error, Result};
 
+// CARDSIM-PATCH: a net backend's answer to VHOST_USER_NET_SET_MTU: given the
+// MTU the frontend sets, whether the backend accepts it. It rides on the
+// listener because the request handler of every accepted connection is made
+// from it, and vhost-user-backend's handler (which sits between this crate
+// and the device) has no method for the request.
+/// Decides a `VHOST_USER_NET_SET_MTU` request: `true` accepts the MTU.
+pub type NetMtuHandler = std::sync::Arc<dyn Fn(u64) -> bool + Send + Sync>;
+
 /// Unix domain socket listener for accepting incoming connections.
 pub struct Listener {
     fd: UnixListener,
     path: Option<PathBuf>,
+    // CARDSIM-PATCH: handed to the request handler of each connection.
+    net_mtu: Option<NetMtuHandler>,
 }
 
 impl Listener {
@@ -40,7 +50,21 @@ impl Listener {
         Ok(Listener {
             fd,
             path: Some(path.as_ref().to_owned()),
+            net_mtu: None,
         })
+    }
+
+    // CARDSIM-PATCH: see `NetMtuHandler`.
+    /// Answers `VHOST_USER_NET_SET_MTU` on every connection accepted from now on
+    /// (without a handler the request is refused as an invalid message).
+    pub fn set_net_mtu_handler(&mut self, handler: NetMtuHandler) {
+        self.net_mtu = Some(handler);
+    }
+
+    // CARDSIM-PATCH: see `NetMtuHandler`.
+    /// The handler set by [`Listener::set_net_mtu_handler`].
+    pub fn net_mtu_handler(&self) -> Option<NetMtuHandler> {
+        self.net_mtu.clone()
     }
 
     /// Accept an incoming connection.
@@ -92,7 +116,11 @@ impl FromRawFd for Listener {
 
 impl From<UnixListener> for Listener {
     fn from(fd: UnixListener) -> Self {
-        Self { fd, path: None }
+        Self {
+            fd,
+            path: None,
+            net_mtu: None,
+        }
     }
 }
 

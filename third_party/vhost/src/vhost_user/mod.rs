@@ -24,7 +24,8 @@ pub mod message;
 pub use self::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 
 mod connection;
-pub use self::connection::Listener;
+// CARDSIM-PATCH: NetMtuHandler.
+pub use self::connection::{Listener, NetMtuHandler};
 
 #[cfg(feature = "vhost-user-frontend")]
 mod frontend;
