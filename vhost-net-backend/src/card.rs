@@ -34,7 +34,7 @@ use vpc::switch::{Egress, PortId, Switch, Verdict};
 use vpc::vnet::VnetHeader;
 
 use crate::allowance::{Allowance, Exceeded};
-use crate::chain::{self, ChainError, RxScratch};
+use crate::chain::{self, ChainError, CopyCounts, Frame, GuestTail, RxScratch, TxChain};
 use crate::counters::{add, PortCounters};
 use crate::features::Negotiated;
 use crate::uplink::{UplinkCounters, UplinkSender};
@@ -92,15 +92,19 @@ impl Backlog {
         }
     }
 
-    /// Keeps a copy of the frame; false if there is no room.
-    fn push(&mut self, header: &VnetHeader, frame: &[u8]) -> bool {
+    /// Keeps a copy of the frame (a sending guest's bytes are copied now:
+    /// its TX chain goes back to it before the frame is delivered); false if
+    /// there is no room or the sender's memory cannot be read.
+    fn push(&mut self, header: &VnetHeader, frame: Frame<'_>, copies: &mut CopyCounts) -> bool {
         if self.frames.len() >= BACKLOG_FRAMES || self.bytes + frame.len() > BACKLOG_BYTES {
             return false;
         }
         let mut buf = self.free.pop().unwrap_or_default();
-        buf.clear();
-        buf.extend_from_slice(frame);
-        self.bytes += frame.len();
+        if frame.copy_into(&mut buf, copies).is_err() {
+            self.free.push(buf);
+            return false;
+        }
+        self.bytes += buf.len();
         self.frames.push_back((*header, buf));
         true
     }
@@ -394,9 +398,39 @@ impl Card {
     }
 
     /// Acts on the switch's verdict for `frame`, the input the switch saw
-    /// (a guest's frame, or a VXLAN datagram). `frame` is the forwarding
-    /// thread's own buffer: rewrites and offload completion happen in it.
+    /// (a VXLAN datagram, a frame from the uplink), held whole in the
+    /// forwarding thread's own buffer: rewrites and offload completion happen
+    /// in it.
     pub fn forward(&self, verdict: Verdict, frame: &mut [u8], out: &mut Forwarder) {
+        self.forward_input(verdict, &mut Input::held(frame), out);
+    }
+
+    /// Acts on the switch's verdict for `input`: a frame held whole, or a
+    /// guest's frame of which the card holds the (checked) headers, its
+    /// payload still in the guest's TX chain. The payload is copied into the
+    /// card only where the card must work on the whole frame; between guests
+    /// it goes straight into the destination's receive buffers.
+    pub fn forward_input(&self, verdict: Verdict, input: &mut Input<'_>, out: &mut Forwarder) {
+        let frame = match verdict {
+            Verdict::ToPort {
+                port,
+                header,
+                frame_offset: 0,
+                rewrite,
+            } if input.head_len() >= 12 => {
+                if let Some(r) = rewrite {
+                    r.apply(input.head_mut());
+                }
+                self.deliver_input(port, &header, input, out);
+                return;
+            }
+            _ if matches!(verdict, Verdict::Reply { .. } | Verdict::Drop(_)) => None,
+            _ => match input.whole() {
+                Some(f) => Some(f),
+                None => return,
+            },
+        };
+        let frame = frame.unwrap_or(&mut []);
         match verdict {
             Verdict::ToPort {
                 port,
@@ -483,13 +517,26 @@ impl Card {
         sender.send(vtep, vxlan_header, frame);
     }
 
-    /// Delivers a frame to `port`'s guest: inbound allowance, offloads the
-    /// guest cannot take done in software, then its RX queue.
+    /// Delivers a frame the card holds to `port`'s guest (see
+    /// [`Card::deliver_input`]).
     pub fn deliver(
         &self,
         port: PortId,
         header: &VnetHeader,
         frame: &mut [u8],
+        out: &mut Forwarder,
+    ) {
+        self.deliver_input(port, header, &mut Input::held(frame), out);
+    }
+
+    /// Delivers a frame to `port`'s guest: inbound allowance, offloads the
+    /// guest cannot take done in software (on the whole frame, copied into
+    /// the card if it was not), then its RX queue.
+    pub fn deliver_input(
+        &self,
+        port: PortId,
+        header: &VnetHeader,
+        input: &mut Input<'_>,
         out: &mut Forwarder,
     ) {
         let Some(dst) = self.ports.get(port) else {
@@ -502,12 +549,13 @@ impl Card {
         let negotiated = rx.negotiated();
         // A frame longer than the port's MTU is what a NIC drops as a length
         // error (GSO frames are cut to the MTU below or by the guest).
-        if !header.is_gso() && frame.len() > usize::from(dst.mtu()) + vpc::packet::ETH_HLEN {
+        let frame_len = input.len();
+        if !header.is_gso() && frame_len > usize::from(dst.mtu()) + vpc::packet::ETH_HLEN {
             add(&dst.counters.rx_oversized, 1);
             return;
         }
-        let packets = crate::allowance::wire_packets(header, frame.len());
-        if let Err(e) = dst.inbound.take(frame.len() as u64, packets, self.now()) {
+        let packets = crate::allowance::wire_packets(header, frame_len);
+        if let Err(e) = dst.inbound.take(frame_len as u64, packets, self.now()) {
             add(
                 match e {
                     Exceeded::Bandwidth(_) => &dst.counters.bw_in_allowance_exceeded,
@@ -525,9 +573,14 @@ impl Card {
         } && (header.gso_type & vpc::vnet::GSO_ECN == 0 || negotiated.guest_ecn);
         if !takes_gso {
             add(&dst.counters.rx_segmented, 1);
+            let Some(frame) = input.whole() else {
+                add(&dst.counters.rx_offload_errors, 1);
+                return;
+            };
             let mtu = dst.mtu();
             let segmented = vpc::offload::segment(header, frame, mtu, &mut |segment: &[u8]| {
-                deliver_one(dst, &rx, negotiated, &VnetHeader::plain(), segment, out);
+                let plain = VnetHeader::plain();
+                deliver_one(dst, &rx, negotiated, &plain, Frame::held(segment), out);
             });
             if segmented.is_err() {
                 add(&dst.counters.rx_offload_errors, 1);
@@ -537,13 +590,17 @@ impl Card {
         let mut header = *header;
         if header.needs_csum() && !negotiated.guest_csum {
             add(&dst.counters.rx_checksummed, 1);
+            let Some(frame) = input.whole() else {
+                add(&dst.counters.rx_offload_errors, 1);
+                return;
+            };
             if vpc::offload::complete_checksum(&header, frame).is_err() {
                 add(&dst.counters.rx_offload_errors, 1);
                 return;
             }
             header.flags &= !vpc::vnet::F_NEEDS_CSUM;
         }
-        deliver_one(dst, &rx, negotiated, &header, frame, out);
+        deliver_one(dst, &rx, negotiated, &header, input.frame(), out);
     }
 }
 
@@ -588,11 +645,11 @@ fn deliver_one(
     rx: &RxSide,
     negotiated: Negotiated,
     header: &VnetHeader,
-    frame: &[u8],
+    frame: Frame<'_>,
     out: &mut Forwarder,
 ) {
     let pairs = rx.pairs.len();
-    let first = pick_pair(frame, pairs);
+    let first = pick_pair(frame.head, pairs);
     // The chosen pair, or the next one the guest has enabled.
     for i in 0..pairs {
         let pair = (first + i) % pairs;
@@ -640,7 +697,7 @@ fn deliver_one(
             }
         }
         if wait {
-            if backlog.push(header, frame) {
+            if backlog.push(header, frame, &mut out.rx.copies) {
                 add(&counters.rx_backlogged, 1);
             } else {
                 counters.chain_error(ChainError::NoRxBuffers);
@@ -683,7 +740,7 @@ fn drain(
             memory,
             &header.to_bytes(),
             negotiated.header_len,
-            frame,
+            Frame::held(frame),
             negotiated.mrg_rxbuf,
             scratch,
         ) {
@@ -748,6 +805,114 @@ fn rearm_and_drain(
     delivered
 }
 
+/// The frame a verdict is about, as the forwarding thread holds it: `buf`
+/// has the frame's whole length; the card holds its first `held` bytes (all
+/// of them for a frame it made or received whole). For a guest's frame the
+/// rest is still in the guest's TX chain, read from there when needed (the
+/// chain goes back to the guest only once the frame is delivered).
+pub struct Input<'a> {
+    buf: &'a mut [u8],
+    held: usize,
+    chain: Option<InputChain<'a>>,
+}
+
+/// A guest's TX chain behind an [`Input`]: `buf` starts `start` bytes into it
+/// (after the vnet header).
+struct InputChain<'a> {
+    memory: &'a GuestMemoryMmap,
+    chain: &'a mut TxChain,
+    start: usize,
+    copies: &'a mut CopyCounts,
+}
+
+impl<'a> Input<'a> {
+    /// A frame the card holds whole.
+    pub fn held(frame: &'a mut [u8]) -> Self {
+        let held = frame.len();
+        Input {
+            buf: frame,
+            held,
+            chain: None,
+        }
+    }
+
+    /// A guest's frame taken with [`chain::take_tx`]: `buf` is the whole
+    /// chain's length (vnet header included), holding what was copied of it.
+    pub fn from_chain(
+        buf: &'a mut [u8],
+        header_len: usize,
+        memory: &'a GuestMemoryMmap,
+        chain: &'a mut TxChain,
+        copies: &'a mut CopyCounts,
+    ) -> Self {
+        let held = chain.copied().saturating_sub(header_len);
+        let buf = match buf.get_mut(header_len..chain.len()) {
+            Some(b) => b,
+            None => &mut [],
+        };
+        Input {
+            buf,
+            held,
+            chain: Some(InputChain {
+                memory,
+                chain,
+                start: header_len,
+                copies,
+            }),
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.buf.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.buf.is_empty()
+    }
+
+    /// Bytes at the start of the frame the card holds.
+    pub fn head_len(&self) -> usize {
+        self.held
+    }
+
+    /// The bytes the card holds: the checked headers of a guest's frame.
+    pub fn head_mut(&mut self) -> &mut [u8] {
+        &mut self.buf[..self.held]
+    }
+
+    /// The whole frame in the card's buffer, copying what is still in the
+    /// guest's TX chain; None if that memory cannot be read.
+    pub fn whole(&mut self) -> Option<&mut [u8]> {
+        if self.held < self.buf.len() {
+            let c = self.chain.as_mut()?;
+            // copy_rest indexes from the chain's start (the vnet header),
+            // which sits just before `buf` in the worker's buffer: give it a
+            // window with the same offsets.
+            let from = c.chain.copied();
+            let out = self.buf.get_mut(from.checked_sub(c.start)?..)?;
+            c.chain.copy_rest_into(c.memory, out, c.copies).ok()?;
+            self.held = self.buf.len();
+        }
+        Some(&mut *self.buf)
+    }
+
+    /// The frame as it goes into receive buffers.
+    pub fn frame(&self) -> Frame<'_> {
+        let head = &self.buf[..self.held];
+        match &self.chain {
+            Some(c) if self.held < self.buf.len() => Frame {
+                head,
+                tail: Some(GuestTail {
+                    memory: c.memory,
+                    chain: c.chain,
+                    offset: c.start + self.held,
+                }),
+            },
+            _ => Frame::held(head),
+        }
+    }
+}
+
 /// What a forwarding thread keeps between frames: receive scratch, the RX
 /// vrings it added used entries to (signalled once per batch), and its VXLAN
 /// and uplink senders (entered once per batch).
@@ -762,6 +927,11 @@ pub struct Forwarder {
 impl Forwarder {
     pub fn rx_scratch(&mut self) -> &mut RxScratch {
         &mut self.rx
+    }
+
+    /// Bytes this thread wrote into receive buffers, by where they came from.
+    pub fn copies(&self) -> CopyCounts {
+        self.rx.copies
     }
 
     fn mark(&mut self, port: PortId, pair: usize, vring: &Vring) {
@@ -801,22 +971,28 @@ mod tests {
         let mut b = Backlog::new();
         let h = VnetHeader::plain();
         for _ in 0..BACKLOG_FRAMES {
-            assert!(b.push(&h, &[1; 100]));
+            assert!(b.push(&h, Frame::held(&[1; 100]), &mut CopyCounts::default()));
         }
-        assert!(!b.push(&h, &[1; 100]), "frame limit");
+        assert!(
+            !b.push(&h, Frame::held(&[1; 100]), &mut CopyCounts::default()),
+            "frame limit"
+        );
         b.clear();
         assert_eq!((b.frames.len(), b.bytes), (0, 0));
         let reused = b.free.len();
-        assert!(b.push(&h, &[2; 100]));
+        assert!(b.push(&h, Frame::held(&[2; 100]), &mut CopyCounts::default()));
         assert_eq!(b.free.len(), reused - 1, "a freed buffer was reused");
         b.clear();
         let big = vec![3u8; 65_000];
         let fit = BACKLOG_BYTES / big.len();
         for _ in 0..fit {
-            assert!(b.push(&h, &big));
+            assert!(b.push(&h, Frame::held(&big), &mut CopyCounts::default()));
         }
-        assert!(!b.push(&h, &big), "byte limit");
+        assert!(
+            !b.push(&h, Frame::held(&big), &mut CopyCounts::default()),
+            "byte limit"
+        );
         b.pop();
-        assert!(b.push(&h, &big));
+        assert!(b.push(&h, Frame::held(&big), &mut CopyCounts::default()));
     }
 }

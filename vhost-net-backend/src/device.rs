@@ -25,8 +25,8 @@ use vmm_sys_util::event::{
 };
 
 use crate::allowance::Exceeded;
-use crate::card::{Card, Forwarder, Port, RxSide};
-use crate::chain::{self, MAX_TX_CHAIN};
+use crate::card::{Card, Forwarder, Input, Port, RxSide};
+use crate::chain::{self, CopyCounts, TxChain, MAX_TX_CHAIN};
 use crate::counters::add;
 use crate::features;
 use vpc::vnet::VnetHeader;
@@ -64,7 +64,9 @@ impl PortDevice {
                     pair,
                     timer: Timer::new()?,
                     throttled: false,
-                    buf: Vec::with_capacity(MAX_TX_CHAIN),
+                    buf: vec![0; MAX_TX_CHAIN],
+                    chain: TxChain::with_capacity(MAX_QUEUE_SIZE),
+                    copies: CopyCounts::default(),
                     out: card.forwarder(MAX_QUEUE_SIZE)?,
                 }))
             })
@@ -98,8 +100,14 @@ struct PairWorker {
     timer: Timer,
     /// Waiting for the outbound allowance: kicks are ignored until the timer.
     throttled: bool,
-    /// The TX frame being switched (vnet header included).
+    /// The TX frame being switched (vnet header included), as much of it as
+    /// the card copied: the headers, or all of it when the card works on the
+    /// whole frame. MAX_TX_CHAIN long; bytes past the copy are stale.
     buf: Vec<u8>,
+    /// Where the rest of that frame is in the guest's memory.
+    chain: TxChain,
+    /// Bytes this worker copied out of its guest's TX chains.
+    copies: CopyCounts,
     out: Forwarder,
 }
 
@@ -131,9 +139,14 @@ impl PairWorker {
         let mut returned = false;
         'batch: loop {
             let _ = state.get_queue_mut().disable_notification(&*memory);
-            while let Some((head, outcome)) =
-                chain::gather_tx(state.get_queue_mut(), &memory, header_len, &mut self.buf)
-            {
+            while let Some((head, outcome)) = chain::take_tx(
+                state.get_queue_mut(),
+                &memory,
+                header_len,
+                &mut self.chain,
+                &mut self.buf,
+                &mut self.copies,
+            ) {
                 if let Err(e) = outcome {
                     port.counters.chain_error(e);
                     warn_limited!(TX_WARNINGS, eni = %port.eni.id, head, error = %e, "TX chain refused");
@@ -141,7 +154,7 @@ impl PairWorker {
                     returned = true;
                     continue;
                 }
-                let frame_len = self.buf.len() - header_len;
+                let frame_len = self.chain.len() - header_len;
                 let packets = match parse_header(&self.buf, header_len) {
                     Some(h) => crate::allowance::wire_packets(&h, frame_len),
                     None => 1,
@@ -166,9 +179,11 @@ impl PairWorker {
                     }
                     break 'batch;
                 }
+                self.switch_frame(card, port, header_len, &memory);
+                // Only now: the payload may have been read from the chain
+                // until the frame was delivered.
                 let _ = state.get_queue_mut().add_used(&*memory, head, 0);
                 returned = true;
-                self.switch_frame(card, port, header_len);
             }
             if !rearm {
                 break;
@@ -216,19 +231,58 @@ impl PairWorker {
         self.transmit(&d.card, &d.port, &d.rx, &d.memory, tx, true);
     }
 
-    fn switch_frame(&mut self, card: &Card, port: &Port, header_len: usize) {
+    /// Switches the frame [`chain::take_tx`] took: the switch decides on the
+    /// headers the card copied (the guest cannot change them meanwhile),
+    /// unless it answers the frame itself (DHCP, a ping to the gateway) and
+    /// needs it whole.
+    fn switch_frame(
+        &mut self,
+        card: &Card,
+        port: &Port,
+        header_len: usize,
+        memory: &vm_memory::GuestMemoryMmap,
+    ) {
         let Some(header) = parse_header(&self.buf, header_len) else {
             return;
         };
-        let frame = &mut self.buf[header_len..];
-        let verdict = card
-            .switch()
-            .from_port(port.id, &header, frame, std::time::Instant::now());
+        let total = self.chain.len();
+        let head = self.chain.copied().saturating_sub(header_len);
+        let now = std::time::Instant::now();
+        let decided = card.switch().from_port_headers(
+            port.id,
+            &header,
+            &self.buf[header_len..total],
+            head,
+            now,
+        );
+        let verdict = match decided {
+            Some(v) => v,
+            None => {
+                let from = self.chain.copied();
+                if self
+                    .chain
+                    .copy_rest_into(memory, &mut self.buf[from..total], &mut self.copies)
+                    .is_err()
+                {
+                    port.counters.chain_error(chain::ChainError::BadAddress);
+                    return;
+                }
+                card.switch()
+                    .from_port(port.id, &header, &self.buf[header_len..total], now)
+            }
+        };
         if !matches!(verdict, vpc::switch::Verdict::Drop(_)) {
             add(&port.counters.tx_packets, 1);
-            add(&port.counters.tx_bytes, frame.len() as u64);
+            add(&port.counters.tx_bytes, (total - header_len) as u64);
         }
-        card.forward(verdict, frame, &mut self.out);
+        let mut input = Input::from_chain(
+            &mut self.buf[..total],
+            header_len,
+            memory,
+            &mut self.chain,
+            &mut self.copies,
+        );
+        card.forward_input(verdict, &mut input, &mut self.out);
     }
 }
 
@@ -715,6 +769,72 @@ mod tests {
         let _a = Guest::connect(&card, 0, features());
         assert_eq!(card.ports[0].mtu(), 1500);
         assert_eq!(card.switch().port_mtu(0), Some(1500));
+    }
+
+    /// A TSO frame from A to B in 12 TX descriptors, B merging 1 KiB
+    /// buffers: B receives it whole and unchanged, and A's worker copied
+    /// only its headers into the card; the rest went guest to guest once. A
+    /// DHCP request (answered from its payload) is copied whole instead.
+    #[test]
+    fn between_guests_the_payload_is_copied_once_and_headers_only_into_the_card() {
+        let card = card("");
+        let mut a = Guest::connect(&card, 0, features());
+        let mut b = Guest::connect(&card, 1, features());
+        b.post_rx(16, 1024);
+        b.kick(0);
+        let (header, frame, _) = tso_frame(9000);
+        let bytes = [&header.to_bytes()[..], &frame].concat();
+        let pieces: Vec<(u64, u32, u16)> = bytes
+            .chunks(bytes.len().div_ceil(12))
+            .map(|part| (a.buffer(part, 0), part.len() as u32, 0))
+            .collect();
+        a.offer(1, &pieces);
+        a.kick(1);
+        assert_eq!(a.used(1).len(), 1);
+        let used = b.used(0);
+        assert_eq!(used.len(), 9, "merged over nine 1 KiB buffers");
+        let got: Vec<u8> = (0..used.len()).flat_map(|n| b.received(n)).collect();
+        assert_eq!(&got[12..], &frame[..]);
+        let worker = a.device.worker(0).unwrap();
+        let head = 12 + chain::TX_HEAD as u64;
+        assert_eq!(worker.copies.tx_to_card, head);
+        let rx = worker.out.copies();
+        assert_eq!(rx.card_to_rx, head);
+        assert_eq!(
+            rx.guest_to_guest,
+            frame.len() as u64 - chain::TX_HEAD as u64
+        );
+        drop(worker);
+
+        let discover = vpc::dhcp::client_message(
+            vpc::dhcp::DISCOVER,
+            MAC_A,
+            7,
+            0x8000,
+            std::net::Ipv4Addr::UNSPECIFIED,
+            None,
+        );
+        let dhcp = vpc::frames::udp_v4(
+            MacAddr::BROADCAST,
+            MAC_A,
+            std::net::Ipv4Addr::UNSPECIFIED,
+            std::net::Ipv4Addr::BROADCAST,
+            68,
+            67,
+            &discover,
+        );
+        assert!(dhcp.len() > chain::TX_HEAD);
+        a.post_rx(2, 2048);
+        a.kick(0);
+        a.send(&VnetHeader::plain(), &dhcp);
+        a.kick(1);
+        assert_eq!(a.used(0).len(), 1, "an offer came back");
+        let worker = a.device.worker(0).unwrap();
+        assert_eq!(
+            worker.copies.tx_to_card,
+            head + 12 + dhcp.len() as u64,
+            "whole"
+        );
     }
 
     #[test]

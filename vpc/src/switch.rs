@@ -171,6 +171,11 @@ pub enum Egress {
     Uplink,
 }
 
+/// Bytes at the start of a frame the switch reads to forward it (every header: Ethernet with a VLAN tag, IPv4
+/// with options, TCP with options, or ICMP quoting an IPv4 header with options and 8 bytes after it). A frame
+/// it answers itself (DHCP, a ping to the gateway) it reads whole. See [`Switch::from_port_headers`].
+pub const DECISION_HEAD: usize = 160;
+
 /// What to do with a frame.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Verdict {
@@ -560,6 +565,41 @@ impl Switch {
                 .commit(d, pkt, Direction::Inbound, now);
         }
         Ok(())
+    }
+
+    /// [`Switch::from_port`] on a frame of which only the first `head` bytes are the guest's (the card copied
+    /// them; the rest is still in guest memory and may be anything here): `frame` has the frame's whole length,
+    /// `head` is at least [`DECISION_HEAD`] or the whole frame. Returns `None`, having changed nothing, for a
+    /// frame the card answers itself from its payload (DHCP, anything to a gateway address): call `from_port`
+    /// with the whole frame. Any other verdict reads no byte past `head`.
+    pub fn from_port_headers(
+        &mut self,
+        port: PortId,
+        header: &VnetHeader,
+        frame: &[u8],
+        head: usize,
+        now: Instant,
+    ) -> Option<Verdict> {
+        if head < frame.len() && (head < DECISION_HEAD || self.answers_itself(frame)) {
+            return None;
+        }
+        Some(self.from_port(port, header, frame, now))
+    }
+
+    /// Whether the switch may answer `frame` itself, building the answer from its payload: DHCP from a client,
+    /// or an IPv4 packet to one of the gateways. Headers only.
+    fn answers_itself(&self, frame: &[u8]) -> bool {
+        let Ok(ip) = packet::ipv4(frame) else {
+            return false;
+        };
+        let dhcp = matches!(
+            packet::l4(frame, &ip),
+            Ok(L4::Udp {
+                src_port: dhcp::CLIENT_PORT,
+                dst_port: dhcp::SERVER_PORT,
+            })
+        );
+        dhcp || matches!(self.route(ip.dst), Some(Route::Gateway))
     }
 
     /// A frame a guest sent on `port` (vnet header split off). See [`Verdict`].

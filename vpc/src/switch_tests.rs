@@ -1146,3 +1146,88 @@ fn a_tso_frame_from_a_linux_vxlan_peer_is_delivered_as_gso() {
         Verdict::Drop(DropReason::Oversized)
     );
 }
+
+// ---- deciding on the headers only ----------------------------------------------------------------------------
+
+/// `frame` with every byte from `head` on overwritten: what the switch sees when the card copied only the
+/// headers (the rest of its buffer holds whatever an earlier frame left).
+fn stale_after(frame: &[u8], head: usize) -> Vec<u8> {
+    let mut f = frame.to_vec();
+    for b in f.iter_mut().skip(head) {
+        *b = 0xa5;
+    }
+    f
+}
+
+#[test]
+fn a_forwarded_frame_is_decided_on_its_headers_alone() {
+    let now = Instant::now();
+    let f = frames::tcp_v4(MAC_B, MAC_A, IP_A, IP_B, 40000, 5201, TCP_SYN, &[7u8; 1000]);
+    let whole = switch().from_port(A, &plain(), &f, now);
+    assert!(
+        matches!(whole, Verdict::ToPort { port: B, .. }),
+        "{whole:?}"
+    );
+    let mut sw = switch();
+    let v = sw.from_port_headers(
+        A,
+        &plain(),
+        &stale_after(&f, DECISION_HEAD),
+        DECISION_HEAD,
+        now,
+    );
+    assert_eq!(v, Some(whole));
+    // Bad input is still dropped and counted on the headers alone.
+    let spoofed = frames::tcp_v4(MAC_B, MAC_A, IP_C, IP_B, 1, 5201, TCP_SYN, &[7u8; 1000]);
+    let v = sw.from_port_headers(A, &plain(), &stale_after(&spoofed, 160), 160, now);
+    assert_eq!(v, Some(Verdict::Drop(DropReason::SpoofedIp)));
+    assert_eq!(drops(&sw, A, DropReason::SpoofedIp), 1);
+    // Fewer headers than the switch may read: it asks for the whole frame.
+    assert_eq!(sw.from_port_headers(A, &plain(), &f, 100, now), None);
+}
+
+/// DHCP and a ping to the gateway are answered from their payload: with only their headers the switch asks
+/// for the whole frame and changes nothing (no counter, no lease, no reply).
+#[test]
+fn frames_the_switch_answers_are_asked_for_whole() {
+    let now = Instant::now();
+    let mut sw = switch();
+    let mut icmp = vec![8, 0, 0, 0, 0, 1, 0, 1];
+    icmp.resize(408, 0x5a);
+    let sum = !packet::fold(packet::sum16(&icmp, 0));
+    icmp[2..4].copy_from_slice(&sum.to_be_bytes());
+    let gateway = Ipv4Addr::new(10, 0, 1, 1);
+    let ping = frames::ipv4(ROUTER, MAC_A, IP_A, gateway, PROTO_ICMP, &icmp);
+    let dhcp = dhcp_frame(MAC_C, dhcp::DISCOVER, None);
+    assert!(ping.len() > DECISION_HEAD && dhcp.len() > DECISION_HEAD);
+    assert_eq!(
+        sw.from_port_headers(
+            A,
+            &plain(),
+            &stale_after(&ping, DECISION_HEAD),
+            DECISION_HEAD,
+            now
+        ),
+        None
+    );
+    assert_eq!(
+        sw.from_port_headers(
+            C,
+            &plain(),
+            &stale_after(&dhcp, DECISION_HEAD),
+            DECISION_HEAD,
+            now
+        ),
+        None
+    );
+    for p in [A, C] {
+        let c = sw.port_counters(p).unwrap();
+        assert_eq!(
+            (c.icmp_echo_replies, c.dhcp_offers, c.total_drops()),
+            (0, 0, 0)
+        );
+    }
+    // Whole, they are answered.
+    let v = sw.from_port_headers(A, &plain(), &ping, ping.len(), now);
+    assert!(matches!(v, Some(Verdict::Reply { .. })), "{v:?}");
+}
