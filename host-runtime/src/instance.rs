@@ -860,6 +860,76 @@ mod tests {
         assert!(check_path("i-1", "socket", Path::new("/run/a.sock")).is_ok());
     }
 
+    /// A VMM someone else started: the host's QEMU with no machine, so
+    /// every device_add fails, which shows what a failed attach leaves.
+    #[test]
+    fn a_registered_vmm_takes_qmp_operations_and_a_failed_attach_is_undone() {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("qmp.sock");
+        let child = Command::new("qemu-system-x86_64")
+            .args([
+                "-machine",
+                "none",
+                "-nodefaults",
+                "-display",
+                "none",
+                "-qmp",
+            ])
+            .arg(format!("unix:{},server=on,wait=off", sock.display()))
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("the host's qemu-system-x86_64 (cargo xtask deps)");
+        struct Reap(Child);
+        impl Drop for Reap {
+            fn drop(&mut self) {
+                let _ = self.0.kill();
+                let _ = self.0.wait();
+            }
+        }
+        let mut child = Reap(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !sock.exists() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+
+        assert!(matches!(
+            Instance::register("i-bad,id", &sock),
+            Err(InstanceError::InvalidSpec { .. })
+        ));
+        let mut vm = Instance::register("i-0abc", &sock).unwrap();
+        assert_eq!(vm.pid(), None);
+        assert!(vm.status().unwrap().running);
+        let chardevs = vm.qmp().execute("query-chardev", json!({})).unwrap();
+        let volume = VolumeAttachment {
+            id: "vol-0abc".into(),
+            socket: dir.path().join("vol.sock"),
+            num_queues: 1,
+        };
+        match vm.attach_volume(&volume) {
+            Err(InstanceError::Qmp { device, source, .. }) => {
+                assert_eq!(device, "blk-vol-0abc");
+                assert!(
+                    matches!(&source, QmpError::Command { command, .. } if command == "device_add"),
+                    "{source}"
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+        // The chardev added before device_add failed is gone again.
+        assert_eq!(
+            vm.qmp().execute("query-chardev", json!({})).unwrap(),
+            chardevs
+        );
+        assert!(matches!(
+            vm.detach_volume("vol-0abc", Duration::from_secs(1)),
+            Err(InstanceError::NotAttached { .. })
+        ));
+        // No guest to power off: QEMU is told to quit.
+        vm.stop(Duration::from_millis(500)).unwrap();
+        assert!(child.0.wait().is_ok());
+        assert!(vm.status().is_err());
+    }
+
     #[test]
     fn user_data_is_appended_as_a_second_archive() {
         let dir = tempfile::tempdir().unwrap();

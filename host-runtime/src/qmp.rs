@@ -427,8 +427,18 @@ mod tests {
         }
     }
 
+    /// Kills QEMU when a failing test unwinds.
+    struct Qemu(std::process::Child);
+
+    impl Drop for Qemu {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+
     /// A real QEMU (the host's, no guest: `-machine none`).
-    fn qemu() -> Option<(std::process::Child, tempfile::TempDir, PathBuf)> {
+    fn qemu() -> Option<(Qemu, tempfile::TempDir, PathBuf)> {
         let dir = tempfile::tempdir().unwrap();
         let sock = dir.path().join("qmp.sock");
         let child = std::process::Command::new("qemu-system-x86_64")
@@ -451,7 +461,7 @@ mod tests {
         while !sock.exists() && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(20));
         }
-        Some((child, dir, sock))
+        Some((Qemu(child), dir, sock))
     }
 
     #[test]
@@ -497,7 +507,7 @@ mod tests {
         assert!(matches!(none, Err(QmpError::Timeout { .. })), "{none:?}");
 
         qmp.execute("quit", json!({})).unwrap();
-        child.wait().unwrap();
+        child.0.wait().unwrap();
         assert!(matches!(
             qmp.execute("query-status", json!({})),
             Err(QmpError::Closed { .. } | QmpError::Io { .. })
