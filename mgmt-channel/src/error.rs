@@ -91,7 +91,11 @@ impl ApiError {
     pub fn internal(message: impl Into<String>) -> Self {
         Self::new(ErrorKind::Internal, message)
     }
+    /// Names `field` as the one at fault, in `field` and in the message.
     pub fn with_field(mut self, field: &str) -> Self {
+        if !self.message.contains(field) {
+            self.message = format!("`{field}`: {}", self.message);
+        }
         self.field = Some(field.to_string());
         self
     }

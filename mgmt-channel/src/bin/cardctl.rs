@@ -161,6 +161,7 @@ enum SgCmd {
         id: String,
         #[arg(long = "ingress", value_parser = parse_rule)]
         ingress: Vec<Value>,
+        /// Default: all traffic.
         #[arg(long = "egress", value_parser = parse_rule)]
         egress: Vec<Value>,
     },

@@ -1,0 +1,849 @@
+//! The API against a real daemon (`mgmt-channel` built by cargo) on a
+//! temporary socket and state directory, with real card processes: the
+//! card binaries beside it (`cargo build --workspace --bins`).
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use mgmt_channel::client::{Answer, Client, Endpoint};
+use serde_json::{json, Value};
+
+const DAEMON: &str = env!("CARGO_BIN_EXE_mgmt-channel");
+
+struct Daemon {
+    child: Option<Child>,
+    socket: PathBuf,
+    state: PathBuf,
+    extra: Vec<String>,
+}
+
+impl Daemon {
+    fn start(dir: &Path, extra: &[&str]) -> Daemon {
+        let bin_dir = Path::new(DAEMON).parent().unwrap();
+        for card in ["vhost-blk-backend", "nvme-emulator", "vhost-net-backend"] {
+            assert!(
+                bin_dir.join(card).is_file(),
+                "{card} is not built in {}: run `cargo build --workspace --bins` first",
+                bin_dir.display()
+            );
+        }
+        let mut d = Daemon {
+            child: None,
+            socket: dir.join("api.sock"),
+            state: dir.join("state"),
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+        };
+        d.spawn();
+        d
+    }
+
+    fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.state.with_extension("log"))
+            .unwrap();
+        let child = Command::new(DAEMON)
+            .arg("--socket")
+            .arg(&self.socket)
+            .arg("--state-dir")
+            .arg(&self.state)
+            .args(&self.extra)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("starting mgmt-channel");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while self.client().get("/v1/volumes").is_err() {
+            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("mgmt-channel exited ({status}): {}", self.log());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "mgmt-channel did not answer: {}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.state.with_extension("log")).unwrap_or_default()
+    }
+
+    /// SIGTERM, and wait for the daemon (and so its cards) to be gone.
+    fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            // SAFETY: kill(2) on our own child, not yet reaped.
+            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+            let status = child.wait().unwrap();
+            assert!(
+                status.success(),
+                "mgmt-channel exited {status}: {}",
+                self.log()
+            );
+        }
+    }
+
+    fn client(&self) -> Client {
+        Client::unix(&self.socket)
+    }
+
+    fn get(&self, path: &str) -> Answer {
+        self.client().get(path).unwrap()
+    }
+    fn post(&self, path: &str, body: Value) -> Answer {
+        self.client().post(path, &body).unwrap()
+    }
+    fn raw(&self, method: &str, path: &str, body: &str) -> Answer {
+        self.client()
+            .request(method, path, Some(body.as_bytes()))
+            .unwrap()
+    }
+    fn delete(&self, path: &str) -> Answer {
+        self.client().delete(path).unwrap()
+    }
+
+    fn created(&self, path: &str, body: Value) -> Value {
+        let a = self.post(path, body);
+        assert_eq!(a.status, 201, "POST {path}: {}", a.body);
+        a.body
+    }
+
+    /// Every resource list: what a refused request must leave as it was.
+    fn snapshot(&self) -> Value {
+        let mut all = serde_json::Map::new();
+        for kind in [
+            "volumes",
+            "namespaces",
+            "subnets",
+            "security-groups",
+            "enis",
+            "instances",
+        ] {
+            all.insert(kind.into(), self.get(&format!("/v1/{kind}")).body);
+        }
+        let cards: Vec<Value> = self
+            .get("/v1/cards")
+            .body
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| json!([c["name"], c["phase"], c["pid"]]))
+            .collect();
+        all.insert("cards".into(), json!(cards));
+        Value::Object(all)
+    }
+
+    fn card(&self, name: &str) -> Value {
+        self.get("/v1/cards")
+            .body
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["name"] == name)
+            .cloned()
+            .unwrap_or(Value::Null)
+    }
+
+    fn wait_card(&self, name: &str, what: &str, ok: impl Fn(&Value) -> bool) -> Value {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let card = self.card(name);
+            if ok(&card) {
+                return card;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "card {name}: {what}: last seen {card}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn audit(&self) -> Vec<Value> {
+        std::fs::read_to_string(self.state.join("audit.log"))
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            // SAFETY: as in stop().
+            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+            let _ = child.wait();
+        }
+    }
+}
+
+const GIB: u64 = 1 << 30;
+
+fn pid_alive(pid: u64) -> bool {
+    Path::new(&format!("/proc/{pid}")).exists()
+        && !std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .unwrap_or_default()
+            .contains(") Z ")
+}
+
+#[test]
+fn every_resource_can_be_created_described_listed_and_deleted() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = Daemon::start(dir.path(), &[]);
+    let mode = std::fs::metadata(&d.socket).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600, "the API socket is private");
+
+    // Volume: a block card per volume, serving on the volume's socket.
+    let vol = d.created(
+        "/v1/volumes",
+        json!({"size_bytes": 8 * GIB, "volume_type": "gp3", "iops": 4000}),
+    );
+    let id = vol["id"].as_str().unwrap();
+    assert!(id.starts_with("vol-"), "{vol}");
+    assert_eq!(vol["state"], "available");
+    assert_eq!(d.get(&format!("/v1/volumes/{id}")).body, vol);
+    assert_eq!(d.get("/v1/volumes").body, json!([vol.clone()]));
+    let card = d.card(&format!("blk-{id}"));
+    assert_eq!(card["phase"], "healthy", "{card}");
+    assert!(Path::new(vol["socket"].as_str().unwrap()).exists());
+    let backing = d.state.join(format!("volumes/{id}.img"));
+    assert_eq!(std::fs::metadata(&backing).unwrap().len(), 8 * GIB);
+
+    // Namespace: an NVMe card.
+    let ns = d.created("/v1/namespaces", json!({"size_bytes": 64 << 20}));
+    let ns_id = ns["id"].as_str().unwrap();
+    assert!(ns_id.starts_with("ns-"));
+    assert_eq!(d.card(&format!("nvme-{ns_id}"))["phase"], "healthy");
+
+    // Network: subnet, group, ENI (the networking card starts with it).
+    let subnet = d.created("/v1/subnets", json!({"cidr": "10.0.1.0/24"}));
+    let subnet_id = subnet["id"].as_str().unwrap();
+    assert_eq!(subnet["gateway"], "10.0.1.1");
+    let sg = d.created(
+        "/v1/security-groups",
+        json!({"description": "iperf", "ingress": [{"proto": "tcp", "ports": "5201", "cidr": "10.0.0.0/16"}]}),
+    );
+    let sg_id = sg["id"].as_str().unwrap();
+    assert_eq!(sg["egress"], json!([{"proto": "all", "cidr": "0.0.0.0/0"}]));
+    assert_eq!(d.card("net"), Value::Null, "no ENI, no networking card");
+    let eni = d.created(
+        "/v1/enis",
+        json!({"subnet_id": subnet_id, "security_groups": [sg_id]}),
+    );
+    let eni_id = eni["id"].as_str().unwrap();
+    assert_eq!(eni["ip"], "10.0.1.10");
+    assert_eq!(d.card("net")["phase"], "healthy");
+    assert!(Path::new(eni["socket"].as_str().unwrap()).exists());
+
+    // Live changes go to the cards' agents.
+    let modified = d.raw(
+        "PATCH",
+        &format!("/v1/volumes/{id}"),
+        r#"{"iops": 3500, "throughput_mibps": 200}"#,
+    );
+    assert_eq!(modified.status, 200, "{}", modified.body);
+    let metrics = d.get(&format!("/v1/cards/blk-{id}/metrics"));
+    assert_eq!(
+        metrics.body["metrics"]["volume"]["limits"]["baseline_iops"], 3500,
+        "{}",
+        metrics.body
+    );
+    let rules = d.raw(
+        "PUT",
+        &format!("/v1/security-groups/{sg_id}/rules"),
+        r#"{"ingress": [{"proto": "icmp", "cidr": "0.0.0.0/0"}], "egress": []}"#,
+    );
+    assert_eq!(rules.status, 200, "{}", rules.body);
+    let eni2 = d.created("/v1/enis", json!({"subnet_id": subnet_id}));
+    let eni2_id = eni2["id"].as_str().unwrap();
+    let groups = d.raw(
+        "PATCH",
+        &format!("/v1/enis/{eni2_id}"),
+        &json!({"security_groups": [sg_id]}).to_string(),
+    );
+    assert_eq!(groups.status, 200, "{}", groups.body);
+    let config = std::fs::read_to_string(d.state.join("run/vpc.toml")).unwrap();
+    assert!(
+        config.contains(eni2_id) && config.contains("proto = \"icmp\""),
+        "{config}"
+    );
+
+    // In use: refused.
+    let in_use = d.delete(&format!("/v1/security-groups/{sg_id}"));
+    assert_eq!(
+        (in_use.status, in_use.error_code()),
+        (409, Some("conflict"))
+    );
+    let in_use = d.delete(&format!("/v1/subnets/{subnet_id}"));
+    assert_eq!(in_use.status, 409);
+
+    // Deletes, in dependency order; each card stops.
+    let blk_pid = d.card(&format!("blk-{id}"))["pid"].as_u64().unwrap();
+    assert_eq!(d.delete(&format!("/v1/volumes/{id}")).status, 204);
+    assert_eq!(d.card(&format!("blk-{id}"))["phase"], "stopped");
+    assert!(!pid_alive(blk_pid), "the volume's card is gone");
+    assert!(!backing.exists());
+    assert_eq!(d.get(&format!("/v1/volumes/{id}")).status, 404);
+    assert_eq!(d.delete(&format!("/v1/namespaces/{ns_id}")).status, 204);
+    assert_eq!(d.delete(&format!("/v1/enis/{eni_id}")).status, 204);
+    assert_eq!(d.card("net")["phase"], "healthy", "one ENI left");
+    assert_eq!(d.delete(&format!("/v1/enis/{eni2_id}")).status, 204);
+    assert_eq!(d.card("net")["phase"], "stopped", "no ENI left");
+    assert_eq!(
+        d.delete(&format!("/v1/security-groups/{sg_id}")).status,
+        204
+    );
+    assert_eq!(d.delete(&format!("/v1/subnets/{subnet_id}")).status, 204);
+    for kind in [
+        "volumes",
+        "namespaces",
+        "subnets",
+        "security-groups",
+        "enis",
+    ] {
+        assert_eq!(d.get(&format!("/v1/{kind}")).body, json!([]), "{kind}");
+    }
+    let events = d.get(&format!("/v1/events?resource={id}")).body;
+    let kinds: Vec<&str> = events
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["kind"].as_str().unwrap())
+        .collect();
+    assert_eq!(kinds, ["created", "modified", "deleted"]);
+}
+
+#[test]
+fn bad_input_is_a_4xx_naming_the_field_and_changes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = Daemon::start(dir.path(), &[]);
+    let vol = d.created(
+        "/v1/volumes",
+        json!({"size_bytes": 8 * GIB, "volume_type": "gp3"}),
+    );
+    let id = vol["id"].as_str().unwrap().to_string();
+    let subnet = d.created("/v1/subnets", json!({"cidr": "10.0.1.0/24"}));
+    let subnet_id = subnet["id"].as_str().unwrap().to_string();
+
+    let vol_path = format!("/v1/volumes/{id}");
+    let cases: Vec<(&str, String, String, u16, &str, &str)> = vec![
+        // method, path, body, status, code, the field named
+        (
+            "POST",
+            "/v1/volumes".into(),
+            r#"{"size_bytes": 8589934592, "volume_type": "gp3""#.into(),
+            400,
+            "bad_request",
+            "",
+        ),
+        (
+            "POST",
+            "/v1/volumes".into(),
+            "not json".into(),
+            400,
+            "bad_request",
+            "",
+        ),
+        (
+            "POST",
+            "/v1/volumes".into(),
+            r#"{"size_bytes": 8589934592, "volume_type": "gp3", "colour": "red"}"#.into(),
+            400,
+            "bad_request",
+            "colour",
+        ),
+        (
+            "POST",
+            "/v1/volumes".into(),
+            r#"{"volume_type": "gp3"}"#.into(),
+            400,
+            "bad_request",
+            "size_bytes",
+        ),
+        (
+            "POST",
+            "/v1/volumes".into(),
+            r#"{"size_bytes": -1, "volume_type": "gp3"}"#.into(),
+            400,
+            "bad_request",
+            "size_bytes",
+        ),
+        (
+            "POST",
+            "/v1/volumes".into(),
+            r#"{"size_bytes": 8589934592, "volume_type": "gp9"}"#.into(),
+            400,
+            "bad_request",
+            "volume_type",
+        ),
+        (
+            "POST",
+            "/v1/volumes".into(),
+            r#"{"size_bytes": 0, "volume_type": "gp3"}"#.into(),
+            422,
+            "invalid_value",
+            "size_bytes",
+        ),
+        (
+            "POST",
+            "/v1/volumes".into(),
+            r#"{"size_bytes": 8589934592, "volume_type": "gp3", "iops": 16001}"#.into(),
+            422,
+            "invalid_value",
+            "iops",
+        ),
+        (
+            "POST",
+            "/v1/volumes".into(),
+            r#"{"size_bytes": 107374182400, "volume_type": "io2", "iops": 256001}"#.into(),
+            422,
+            "invalid_value",
+            "iops",
+        ),
+        (
+            "POST",
+            "/v1/volumes".into(),
+            r#"{"size_bytes": 8589934592, "volume_type": "gp2", "iops": 300}"#.into(),
+            422,
+            "invalid_value",
+            "iops",
+        ),
+        (
+            "POST",
+            "/v1/volumes".into(),
+            r#"{"size_bytes": 8589934592, "volume_type": "gp3", "throughput_mibps": 1001}"#.into(),
+            422,
+            "invalid_value",
+            "throughput_mibps",
+        ),
+        (
+            "PATCH",
+            vol_path.clone(),
+            r#"{"iops": 20000}"#.into(),
+            422,
+            "invalid_value",
+            "iops",
+        ),
+        (
+            "PATCH",
+            vol_path.clone(),
+            r#"{}"#.into(),
+            422,
+            "invalid_value",
+            "volume_type",
+        ),
+        (
+            "PATCH",
+            vol_path.clone(),
+            r#"{"size_bytes": 1}"#.into(),
+            400,
+            "bad_request",
+            "size_bytes",
+        ),
+        (
+            "PATCH",
+            "/v1/volumes/vol-0000".into(),
+            r#"{"iops": 3000}"#.into(),
+            404,
+            "not_found",
+            "",
+        ),
+        (
+            "POST",
+            format!("{vol_path}/detach"),
+            "{}".into(),
+            409,
+            "conflict",
+            "",
+        ),
+        (
+            "POST",
+            format!("{vol_path}/attach"),
+            r#"{"instance_id": "i-0123"}"#.into(),
+            404,
+            "not_found",
+            "instance_id",
+        ),
+        (
+            "POST",
+            format!("{vol_path}/attach"),
+            r#"{"instance": "i-0123"}"#.into(),
+            400,
+            "bad_request",
+            "instance",
+        ),
+        (
+            "POST",
+            "/v1/namespaces".into(),
+            r#"{"size_bytes": 4097}"#.into(),
+            422,
+            "invalid_value",
+            "size_bytes",
+        ),
+        (
+            "POST",
+            "/v1/subnets".into(),
+            r#"{"cidr": "10.0.1.0/24"}"#.into(),
+            422,
+            "invalid_value",
+            "cidr",
+        ),
+        (
+            "POST",
+            "/v1/subnets".into(),
+            r#"{"cidr": "192.168.0.0/24"}"#.into(),
+            422,
+            "invalid_value",
+            "cidr",
+        ),
+        (
+            "POST",
+            "/v1/subnets".into(),
+            r#"{"cidr": "10.0.2.1/24"}"#.into(),
+            422,
+            "invalid_value",
+            "cidr",
+        ),
+        (
+            "POST",
+            "/v1/security-groups".into(),
+            r#"{"ingress": [{"proto": "tcp", "ports": "70000", "cidr": "10.0.0.0/16"}]}"#.into(),
+            422,
+            "invalid_value",
+            "ingress[0].ports",
+        ),
+        (
+            "POST",
+            "/v1/security-groups".into(),
+            r#"{"ingress": [{"proto": "tcp", "cidr": "10.0.0.0/16", "port": 1}]}"#.into(),
+            400,
+            "bad_request",
+            "ingress[0].port",
+        ),
+        (
+            "POST",
+            "/v1/enis".into(),
+            format!(r#"{{"subnet_id": "{subnet_id}", "security_groups": ["sg-0abc"]}}"#),
+            422,
+            "invalid_value",
+            "security_groups",
+        ),
+        (
+            "POST",
+            "/v1/enis".into(),
+            format!(r#"{{"subnet_id": "{subnet_id}", "ip": "10.0.2.5"}}"#),
+            422,
+            "invalid_value",
+            "ip",
+        ),
+        (
+            "POST",
+            "/v1/enis".into(),
+            r#"{"subnet_id": "subnet-0abc"}"#.into(),
+            422,
+            "invalid_value",
+            "subnet_id",
+        ),
+        (
+            "POST",
+            "/v1/instances".into(),
+            r#"{"vcpus": 0}"#.into(),
+            422,
+            "invalid_value",
+            "vcpus",
+        ),
+        (
+            "POST",
+            "/v1/instances".into(),
+            format!(
+                r#"{{"volumes": ["{id}", "{id}"], "kernel": "/etc/hostname", "initrd": "/etc/hostname"}}"#
+            ),
+            422,
+            "invalid_value",
+            "volumes",
+        ),
+        (
+            "POST",
+            "/v1/instances".into(),
+            r#"{"kernel": "/nonexistent"}"#.into(),
+            422,
+            "invalid_value",
+            "kernel",
+        ),
+        (
+            "GET",
+            "/v1/events?limit=0".into(),
+            "".into(),
+            422,
+            "invalid_value",
+            "limit",
+        ),
+        ("GET", "/v1/nothing".into(), "".into(), 404, "not_found", ""),
+    ];
+    let before = d.snapshot();
+    let audit_before = d.audit().len();
+    let mut mutating = 0;
+    for (method, path, body, status, code, field) in &cases {
+        let body = if body.is_empty() {
+            None
+        } else {
+            Some(body.as_bytes())
+        };
+        let a = d.client().request(method, path, body).unwrap();
+        let what = format!("{method} {path} {:?}", body.map(String::from_utf8_lossy));
+        assert_eq!(a.status, *status, "{what}: {}", a.body);
+        assert_eq!(a.error_code(), Some(*code), "{what}: {}", a.body);
+        let message = a.body["error"]["message"].as_str().unwrap();
+        assert!(!message.is_empty());
+        if !field.is_empty() {
+            assert_eq!(a.body["error"]["field"], *field, "{what}: {}", a.body);
+            assert!(
+                message.contains(field),
+                "{what}: the message names {field}: {message}"
+            );
+        }
+        assert_eq!(d.snapshot(), before, "{what} changed the state");
+        if *method != "GET" {
+            mutating += 1;
+        }
+    }
+    // Every refused mutating call is in the audit log, with its result.
+    let audit = d.audit();
+    assert_eq!(audit.len() - audit_before, mutating);
+    let last = audit.last().unwrap();
+    assert_eq!(last["call"], "POST /v1/instances");
+    assert_eq!(last["status"], 422);
+    assert_eq!(last["result"], "invalid_value");
+    assert_eq!(last["caller"], format!("uid:{}", unsafe { libc::getuid() }));
+}
+
+#[test]
+fn tcp_needs_a_token_and_a_read_token_cannot_mutate() {
+    let dir = tempfile::tempdir().unwrap();
+    let tokens = dir.path().join("tokens");
+    std::fs::write(
+        &tokens,
+        "# name secret access\nops 0123456789abcdef0123 write\nviewer fedcba9876543210fedc read\n",
+    )
+    .unwrap();
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let addr = format!("127.0.0.1:{port}");
+    let d = Daemon::start(
+        dir.path(),
+        &[
+            "--listen-tcp",
+            &addr,
+            "--token-file",
+            tokens.to_str().unwrap(),
+        ],
+    );
+    let tcp = |token: Option<&str>| Client {
+        endpoint: Endpoint::Tcp {
+            addr: addr.clone(),
+            token: token.map(String::from),
+        },
+        timeout: Duration::from_secs(60),
+    };
+    let body = json!({"cidr": "10.0.3.0/24"});
+    let before = d.snapshot();
+    let a = tcp(None).get("/v1/subnets").unwrap();
+    assert_eq!((a.status, a.error_code()), (401, Some("unauthorized")));
+    let a = tcp(Some("0123456789abcdef0124"))
+        .post("/v1/subnets", &body)
+        .unwrap();
+    assert_eq!(a.status, 401);
+    let viewer = tcp(Some("fedcba9876543210fedc"));
+    assert_eq!(viewer.get("/v1/subnets").unwrap().status, 200);
+    let a = viewer.post("/v1/subnets", &body).unwrap();
+    assert_eq!(
+        (a.status, a.error_code()),
+        (403, Some("forbidden")),
+        "{}",
+        a.body
+    );
+    assert_eq!(d.snapshot(), before, "refused calls change nothing");
+
+    let ops = tcp(Some("0123456789abcdef0123"));
+    let a = ops.post("/v1/subnets", &body).unwrap();
+    assert_eq!(a.status, 201, "{}", a.body);
+    let id = a.body["id"].as_str().unwrap();
+    assert_eq!(
+        viewer.get(&format!("/v1/subnets/{id}")).unwrap().body,
+        a.body
+    );
+
+    let audit = d.audit();
+    let calls: Vec<(String, String, u64)> = audit
+        .iter()
+        .map(|r| {
+            (
+                r["caller"].as_str().unwrap().to_string(),
+                r["result"].as_str().unwrap().to_string(),
+                r["status"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        calls,
+        [
+            ("anonymous".to_string(), "unauthorized".to_string(), 401),
+            ("token:viewer".to_string(), "forbidden".to_string(), 403),
+            ("token:ops".to_string(), "ok".to_string(), 201),
+        ]
+    );
+    assert!(audit
+        .iter()
+        .all(|r| r["call"] == "POST /v1/subnets" && r["time_ms"].as_u64() > Some(0)));
+    let mode = std::fs::metadata(d.state.join("audit.log"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600);
+}
+
+#[test]
+fn a_bad_tokens_file_is_a_usage_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let tokens = dir.path().join("tokens");
+    std::fs::write(&tokens, "ops short write\n").unwrap();
+    let out = Command::new(DAEMON)
+        .args(["--socket", dir.path().join("s").to_str().unwrap()])
+        .args(["--state-dir", dir.path().join("state").to_str().unwrap()])
+        .args([
+            "--listen-tcp",
+            "127.0.0.1:0",
+            "--token-file",
+            tokens.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("tokens:1"), "{stderr}");
+}
+
+#[test]
+fn a_restarted_daemon_keeps_its_state_and_runs_every_card_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut d = Daemon::start(dir.path(), &[]);
+    let vol = d.created(
+        "/v1/volumes",
+        json!({"size_bytes": 8 * GIB, "volume_type": "gp3"}),
+    );
+    let vol_id = vol["id"].as_str().unwrap().to_string();
+    let patched = d.raw(
+        "PATCH",
+        &format!("/v1/volumes/{vol_id}"),
+        r#"{"iops": 3000, "throughput_mibps": 150}"#,
+    );
+    assert_eq!(patched.status, 200, "{}", patched.body);
+    d.created("/v1/namespaces", json!({"size_bytes": 16 << 20}));
+    let subnet = d.created("/v1/subnets", json!({"cidr": "10.0.1.0/24"}));
+    let sg = d.created(
+        "/v1/security-groups",
+        json!({"ingress": [{"proto": "icmp", "cidr": "0.0.0.0/0"}]}),
+    );
+    d.created(
+        "/v1/enis",
+        json!({"subnet_id": subnet["id"], "security_groups": [sg["id"]]}),
+    );
+    let before = d.snapshot();
+    let old_pids: Vec<u64> = d
+        .get("/v1/cards")
+        .body
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["pid"].as_u64().unwrap())
+        .collect();
+    assert_eq!(old_pids.len(), 3);
+
+    d.stop();
+    for pid in &old_pids {
+        assert!(!pid_alive(*pid), "card {pid} outlived the daemon");
+    }
+    d.spawn();
+
+    let after = d.snapshot();
+    for kind in [
+        "volumes",
+        "namespaces",
+        "subnets",
+        "security-groups",
+        "enis",
+        "instances",
+    ] {
+        assert_eq!(after[kind], before[kind], "{kind} after the restart");
+    }
+    let cards = d.get("/v1/cards").body;
+    let cards = cards.as_array().unwrap();
+    assert_eq!(cards.len(), 3, "{cards:?}");
+    for card in cards {
+        assert_eq!(card["phase"], "healthy", "{card}");
+        assert!(!old_pids.contains(&card["pid"].as_u64().unwrap()));
+    }
+    // The volume's card runs with the modified spec.
+    let metrics = d.get(&format!("/v1/cards/blk-{vol_id}/metrics")).body;
+    assert_eq!(
+        metrics["metrics"]["volume"]["limits"]["baseline_mibps"], 150,
+        "{metrics}"
+    );
+}
+
+#[test]
+fn a_crashed_card_is_restarted_and_given_its_configuration_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = Daemon::start(dir.path(), &[]);
+    let vol = d.created(
+        "/v1/volumes",
+        json!({"size_bytes": 8 * GIB, "volume_type": "gp3"}),
+    );
+    let id = vol["id"].as_str().unwrap();
+    let card = format!("blk-{id}");
+    // Modified live: the card's command line still says 3000 IOPS.
+    let a = d.raw("PATCH", &format!("/v1/volumes/{id}"), r#"{"iops": 4000}"#);
+    assert_eq!(a.status, 200, "{}", a.body);
+    let pid = d.card(&card)["pid"].as_u64().unwrap();
+    // SAFETY: kill(2) with a pid the daemon reported for its card.
+    assert_eq!(unsafe { libc::kill(pid as i32, libc::SIGKILL) }, 0);
+    let restarted = d.wait_card(&card, "restarted and healthy", |c| {
+        c["restarts"] == 1 && c["phase"] == "healthy" && c["pid"].as_u64() != Some(pid)
+    });
+    assert!(pid_alive(restarted["pid"].as_u64().unwrap()));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let metrics = d.get(&format!("/v1/cards/{card}/metrics")).body;
+        if metrics["metrics"]["volume"]["limits"]["baseline_iops"] == 4000 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the restarted card was not reconfigured: {metrics}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let events = d.get(&format!("/v1/events?resource={card}")).body;
+    let kinds: Vec<&str> = events
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["kind"].as_str().unwrap())
+        .collect();
+    for kind in [
+        "card-exited",
+        "card-restarting",
+        "card-started",
+        "card-healthy",
+    ] {
+        assert!(kinds.contains(&kind), "{kind} in {kinds:?}");
+    }
+}
