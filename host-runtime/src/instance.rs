@@ -9,7 +9,7 @@
 use crate::cpio::CpioWriter;
 use crate::qmp::{QmpClient, QmpError};
 use serde_json::{json, Value};
-use std::collections::BTreeMap;
+use std::collections::BTreeSet;
 use std::fs;
 use std::io::{self, Write as _};
 use std::path::{Path, PathBuf};
@@ -324,8 +324,9 @@ pub struct Instance {
     child: Option<Child>,
     vmm: Option<VmmBinary>,
     console_log: Option<PathBuf>,
-    /// Root port id → the volume device on it, for launched instances.
-    slots: BTreeMap<String, Option<String>>,
+    /// The root ports volumes may use, for an instance we launched; a
+    /// registered VMM's are whatever root ports it has.
+    ports: Option<BTreeSet<String>>,
 }
 
 impl std::fmt::Debug for Instance {
@@ -428,7 +429,7 @@ impl Instance {
             .arg("-pidfile")
             .arg(&pid_file);
 
-        let mut slots = BTreeMap::new();
+        let mut ports = BTreeSet::new();
         let mut chassis = 0u32;
         let mut root_port = |cmd: &mut Command| {
             chassis += 1;
@@ -453,11 +454,10 @@ impl Instance {
                     "vhost-user-blk-pci,id={dev},chardev={chr},num-queues={},bus={port}",
                     v.num_queues
                 ));
-            slots.insert(port, Some(dev));
+            ports.insert(port);
         }
         for _ in 0..spec.hotplug_slots {
-            let port = root_port(&mut cmd);
-            slots.insert(port, None);
+            ports.insert(root_port(&mut cmd));
         }
         for n in &spec.enis {
             let socket = check_path(&id, "ENI socket", &n.socket)?;
@@ -519,7 +519,7 @@ impl Instance {
             child: Some(child),
             vmm: Some(vmm),
             console_log: Some(console_log),
-            slots,
+            ports: Some(ports),
         })
     }
 
@@ -541,7 +541,7 @@ impl Instance {
             child: None,
             vmm: None,
             console_log: None,
-            slots: BTreeMap::new(),
+            ports: None,
         })
     }
 
@@ -618,20 +618,7 @@ impl Instance {
                 device: dev,
             });
         }
-        let port = if self.slots.is_empty() {
-            None
-        } else {
-            match self.slots.iter().find(|(_, d)| d.is_none()) {
-                Some((port, _)) => Some(port.clone()),
-                None => {
-                    return Err(InstanceError::NoFreeSlot {
-                        instance: self.id.clone(),
-                        device: dev,
-                        slots: self.slots.len(),
-                    })
-                }
-            }
-        };
+        let port = self.free_port(&dev)?;
 
         let reconnect_ms = match &self.vmm {
             Some(vmm) => vmm.version >= (9, 2),
@@ -666,9 +653,6 @@ impl Instance {
             }
             return Err(e);
         }
-        if let Some(port) = port {
-            self.slots.insert(port, Some(dev));
-        }
         Ok(())
     }
 
@@ -701,17 +685,51 @@ impl Instance {
                 device: dev.clone(),
                 source,
             })?;
-        for used in self.slots.values_mut() {
-            if used.as_deref() == Some(dev.as_str()) {
-                *used = None;
-            }
-        }
         self.execute(
             &dev,
             "chardev-remove",
             json!({"id": volume_chardev_id(volume_id)}),
         )?;
         Ok(())
+    }
+
+    /// A root port with nothing behind it for `device`, read from QEMU's
+    /// object tree, so a port the guest emptied by itself is free again.
+    /// (`query-pci` cannot tell: it walks the bus numbers the guest's
+    /// firmware assigned, none before it ran.) None when the VMM has no root
+    /// ports at all: QEMU then picks the bus.
+    fn free_port(&mut self, device: &str) -> Result<Option<String>, InstanceError> {
+        let peripherals =
+            self.execute(device, "qom-list", json!({"path": "/machine/peripheral"}))?;
+        let mut ports: Vec<String> = children_of_type(&peripherals, "pcie-root-port");
+        if let Some(ours) = &self.ports {
+            ports.retain(|id| ours.contains(id));
+        }
+        if ports.is_empty() {
+            return Ok(None);
+        }
+        for port in &ports {
+            // A root port's secondary bus is named after the port; each
+            // device on it is a `child[N]` link of the bus.
+            let bus = self.execute(
+                device,
+                "qom-list",
+                json!({"path": format!("/machine/peripheral/{port}/{port}")}),
+            )?;
+            let occupied = bus
+                .as_array()
+                .into_iter()
+                .flatten()
+                .any(|p| p["name"].as_str().is_some_and(|n| n.starts_with("child[")));
+            if !occupied {
+                return Ok(Some(port.clone()));
+            }
+        }
+        Err(InstanceError::NoFreeSlot {
+            instance: self.id.clone(),
+            device: device.into(),
+            slots: ports.len(),
+        })
     }
 
     /// Asks the guest to power off (ACPI); past `timeout`, tells QEMU to
@@ -798,6 +816,17 @@ impl Drop for Instance {
     }
 }
 
+/// The names of a `qom-list` answer's children of QOM type `type_name`.
+fn children_of_type(list: &Value, type_name: &str) -> Vec<String> {
+    let want = format!("child<{type_name}>");
+    list.as_array()
+        .into_iter()
+        .flatten()
+        .filter(|p| p["type"].as_str() == Some(want.as_str()))
+        .filter_map(|p| p["name"].as_str().map(str::to_string))
+        .collect()
+}
+
 /// Connects to the QMP socket of a QEMU that is starting; the error says
 /// why not (it exited first, or its QMP did not answer).
 fn connect_while_alive(socket: &Path, child: &mut Child) -> Result<QmpClient, String> {
@@ -879,18 +908,8 @@ mod tests {
             .stdin(Stdio::null())
             .spawn()
             .expect("the host's qemu-system-x86_64 (cargo xtask deps)");
-        struct Reap(Child);
-        impl Drop for Reap {
-            fn drop(&mut self) {
-                let _ = self.0.kill();
-                let _ = self.0.wait();
-            }
-        }
         let mut child = Reap(child);
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !sock.exists() && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        wait_for(&sock);
 
         assert!(matches!(
             Instance::register("i-bad,id", &sock),
@@ -928,6 +947,51 @@ mod tests {
         vm.stop(Duration::from_millis(500)).unwrap();
         assert!(child.0.wait().is_ok());
         assert!(vm.status().is_err());
+    }
+
+    /// Free and used root ports, as a real q35 QEMU reports them.
+    #[test]
+    fn a_free_root_port_is_found_in_qemus_object_tree() {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("qmp.sock");
+        let child = Command::new("qemu-system-x86_64")
+            .args(["-machine", "q35", "-S", "-nodefaults", "-display", "none"])
+            .args(["-device", "pcie-root-port,id=rp1,chassis=1"])
+            .args(["-device", "pcie-root-port,id=rp2,chassis=2"])
+            .args(["-device", "virtio-rng-pci,id=rng,bus=rp1"])
+            .arg("-qmp")
+            .arg(format!("unix:{},server=on,wait=off", sock.display()))
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("the host's qemu-system-x86_64 (cargo xtask deps)");
+        let _reap = Reap(child);
+        wait_for(&sock);
+        let mut vm = Instance::register("i-0abc", &sock).unwrap();
+        assert_eq!(vm.free_port("blk-x").unwrap(), Some("rp2".into()));
+        vm.ports = Some(["rp1".to_string()].into());
+        assert!(matches!(
+            vm.free_port("blk-x"),
+            Err(InstanceError::NoFreeSlot { slots: 1, .. })
+        ));
+        vm.ports = Some(BTreeSet::new());
+        assert_eq!(vm.free_port("blk-x").unwrap(), None);
+    }
+
+    /// Kills a QEMU a test started, also when the test fails.
+    struct Reap(Child);
+
+    impl Drop for Reap {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+
+    fn wait_for(sock: &Path) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !sock.exists() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     #[test]

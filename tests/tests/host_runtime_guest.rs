@@ -1,13 +1,17 @@
-//! host-runtime against real guests and real block cards: volume hot-plug
-//! over QMP, a supervised card killed under a guest's fio, and what bad
-//! hot-plug requests get.
+//! host-runtime against real cards and real guests: the supervisor on a
+//! block card (killed, updated), an instance launched with a device of each
+//! card, volume hot-plug over QMP, a supervised card killed under a guest's
+//! fio, and what bad hot-plug requests get. Tests with "guest" in their name
+//! boot a QEMU guest under TCG (run one at a time).
 
 use anyhow::{bail, ensure, Context, Result};
 use cardsim_tests::{card_binary, guest_image, tail, Vmm, EXIT_MARKER, READY_MARKER};
-use host_runtime::card::{CardEvent, CardEventKind, CardKind, CardProgram, CardSpec, Supervisor};
+use host_runtime::card::{
+    CardError, CardEvent, CardEventKind, CardKind, CardPhase, CardProgram, CardSpec, Supervisor,
+};
 use host_runtime::crossbeam_channel::{self, Receiver};
 use host_runtime::instance::{
-    Accel, Instance, InstanceError, InstanceSpec, NvmeAttachment, VolumeAttachment,
+    Accel, Instance, InstanceError, InstanceSpec, NicAttachment, NvmeAttachment, VolumeAttachment,
 };
 use std::fs;
 use std::os::unix::fs::FileExt;
@@ -333,5 +337,176 @@ fn guest_qemu7_bad_hot_plug_requests_change_nothing() -> Result<()> {
     instance.stop(Duration::from_secs(2))?;
     ensure!(instance.exit_status().is_some());
     ensure!(instance.status().is_err());
+    Ok(())
+}
+
+/// One instance with one device of each card, every card under the
+/// supervisor: the guest sees the volume, the namespace and the ENI (which
+/// takes its address from the networking card's DHCP).
+#[test]
+fn guest_qemu11_instance_with_a_volume_a_namespace_and_an_eni() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let (tx, _events) = crossbeam_channel::unbounded();
+    let supervisor = Supervisor::new(tx);
+    let vol = Volume::new(dir.path(), "vol-0123")?;
+    let mut cards = vec![vol.card(dir.path())?];
+
+    let namespace = dir.path().join("ns1.img");
+    fs::File::create(&namespace)?.set_len(64 * MIB)?;
+    let nvme_socket = dir.path().join("nvme.sock");
+    cards.push(CardSpec {
+        name: "nvme-i-0123".into(),
+        kind: CardKind::Nvme,
+        program: CardProgram::Binary(card_binary("nvme-emulator")?),
+        args: vec![
+            "--socket".into(),
+            nvme_socket.clone().into(),
+            "--namespace".into(),
+            format!("{},size=64M", namespace.display()).into(),
+            "--agent".into(),
+            dir.path().join("nvme.agent.sock").into(),
+        ],
+        agent_socket: dir.path().join("nvme.agent.sock"),
+        log: dir.path().join("nvme.log"),
+    });
+
+    let eni_socket = dir.path().join("eni-0a1.sock");
+    let vpc = dir.path().join("vpc.toml");
+    fs::write(
+        &vpc,
+        format!(
+            r#"
+[vpc]
+cidr = "10.0.0.0/16"
+vni = 100
+[[subnet]]
+id = "subnet-a"
+cidr = "10.0.1.0/24"
+[[eni]]
+id = "eni-0a1"
+socket = "{}"
+mac = "02:00:0a:00:01:0a"
+ip = "10.0.1.10"
+subnet = "subnet-a"
+"#,
+            eni_socket.display()
+        ),
+    )?;
+    cards.push(CardSpec {
+        name: "net-host".into(),
+        kind: CardKind::Net,
+        program: CardProgram::Binary(card_binary("vhost-net-backend")?),
+        args: vec![
+            "--config".into(),
+            vpc.into(),
+            "--agent".into(),
+            dir.path().join("net.agent.sock").into(),
+        ],
+        agent_socket: dir.path().join("net.agent.sock"),
+        log: dir.path().join("net.log"),
+    });
+    for card in cards {
+        let (name, log) = (card.name.clone(), card.log.clone());
+        supervisor.start(card)?;
+        supervisor
+            .wait_healthy(&name, Duration::from_secs(20))
+            .with_context(|| fs::read_to_string(&log).unwrap_or_default())?;
+    }
+
+    let script = format!(
+        "{}\nwait_dev /dev/vda\nwait_dev /dev/nvme0n1 30\necho HR-DISKS-OK\ndhcp eth0\necho HR-ALL-OK\n",
+        cardsim_tests::net_card::GUEST_DHCP
+    );
+    let mut spec = spec(Vmm::Qemu11, dir.path(), &script, vec![vol.attachment()])?;
+    spec.namespaces.push(NvmeAttachment {
+        id: "ns-0123".into(),
+        socket: nvme_socket,
+    });
+    spec.enis.push(NicAttachment {
+        id: "eni-0a1".into(),
+        socket: eni_socket,
+        mac: "02:00:0a:00:01:0a".into(),
+        queues: 1,
+    });
+    let mut instance = Instance::launch(spec)?;
+    wait_console(&mut instance, "HR-DISKS-OK", Duration::from_secs(60))?;
+    wait_console(
+        &mut instance,
+        "DHCP-BOUND iface=eth0 ip=10.0.1.10",
+        Duration::from_secs(30),
+    )?;
+    wait_script_ok(&mut instance, Duration::from_secs(30))?;
+    let devices = instance.devices().unwrap_or_default();
+    ensure!(devices.is_empty(), "QEMU has exited, yet lists {devices:?}");
+    Ok(())
+}
+
+/// The supervisor on a real block card, no guest: killed, it is started
+/// again and answers its agent; restarted on "new firmware" (the same
+/// binary by another path), it runs that.
+#[test]
+fn supervisor_restarts_a_killed_block_card_and_updates_its_firmware() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let (tx, events) = crossbeam_channel::unbounded();
+    let supervisor = Supervisor::new(tx);
+    let vol = Volume::new(dir.path(), "vol-0a11")?;
+    let card = vol.card(dir.path())?;
+    let name = card.name.clone();
+    let pid = supervisor.start(card.clone())?;
+    supervisor.wait_healthy(&name, Duration::from_secs(10))?;
+    let twice = supervisor.start(card.clone()).unwrap_err();
+    ensure!(matches!(twice, CardError::AlreadyExists { .. }), "{twice}");
+
+    // SAFETY: kill(2) on the supervised card's pid, not yet reaped.
+    ensure!(unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) } == 0);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut seen = Vec::new();
+    while !seen.contains(&CardEventKind::Healthy) || seen.len() < 5 {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let event = events
+            .recv_timeout(left)
+            .with_context(|| format!("events so far: {seen:?}"))?;
+        seen.push(event.kind);
+    }
+    let new_pid = match seen.as_slice() {
+        [CardEventKind::Started { pid: first }, CardEventKind::Healthy, CardEventKind::Exited { status }, CardEventKind::Restarting { after_ms: 100 }, CardEventKind::Started { pid: second }, ..]
+            if *first == pid && status.signal() == Some(libc::SIGKILL) && *second != pid =>
+        {
+            *second
+        }
+        other => bail!("unexpected events: {other:?}"),
+    };
+    supervisor.wait_healthy(&name, Duration::from_secs(10))?;
+    let status = supervisor.status(&name)?;
+    ensure!(
+        status.pid == Some(new_pid) && status.restarts == 1,
+        "{status:?}"
+    );
+
+    let CardProgram::Binary(binary) = &card.program else {
+        bail!("a binary card");
+    };
+    let v2 = dir.path().join("vhost-blk-backend-v2");
+    std::os::unix::fs::symlink(binary, &v2)?;
+    let updated = supervisor.restart(&name, Some(CardProgram::Binary(v2.clone())))?;
+    let status = supervisor.status(&name)?;
+    ensure!(
+        status.pid == Some(updated) && updated != new_pid,
+        "{status:?}"
+    );
+    ensure!(status.program == v2.display().to_string(), "{status:?}");
+
+    // A firmware that is not there: refused, the card stays stopped on the
+    // old program.
+    let missing = supervisor
+        .restart(&name, Some(CardProgram::Binary(dir.path().join("nope"))))
+        .unwrap_err();
+    ensure!(
+        matches!(missing, CardError::StartFailed { .. }),
+        "{missing}"
+    );
+    let status = supervisor.status(&name)?;
+    ensure!(status.phase == CardPhase::Stopped, "{status:?}");
+    ensure!(status.program == v2.display().to_string(), "{status:?}");
     Ok(())
 }
