@@ -134,6 +134,15 @@ pub enum InstanceError {
     AlreadyAttached { instance: String, device: String },
     #[error("instance {instance}: device {device} is not attached")]
     NotAttached { instance: String, device: String },
+    /// Nothing serves the card's socket: QEMU would wait for it forever
+    /// (a reconnecting chardev retries without end), so it is not asked.
+    #[error("instance {instance}: device {device}: nothing serves {socket}: {reason}")]
+    CardNotServing {
+        instance: String,
+        device: String,
+        socket: PathBuf,
+        reason: String,
+    },
     #[error("instance {instance}: no free hot-plug slot for {device} ({slots} in all)")]
     NoFreeSlot {
         instance: String,
@@ -619,6 +628,17 @@ impl Instance {
             });
         }
         let port = self.free_port(&dev)?;
+        // The card's socket must answer now: QEMU's device_add waits for the
+        // chardev to connect, retrying forever, and would hang its monitor.
+        // (The card accepts the probe as a frontend that leaves at once.)
+        if let Err(e) = std::os::unix::net::UnixStream::connect(&volume.socket) {
+            return Err(InstanceError::CardNotServing {
+                instance: self.id.clone(),
+                device: dev,
+                socket: volume.socket.clone(),
+                reason: e.to_string(),
+            });
+        }
 
         let reconnect_ms = match &self.vmm {
             Some(vmm) => vmm.version >= (9, 2),

@@ -331,6 +331,24 @@ fn guest_qemu7_bad_hot_plug_requests_change_nothing() -> Result<()> {
     ensure!(instance.devices()? == devices);
     instance.detach_volume("vol-0ddd", Duration::from_secs(30))?;
     ensure!(!instance.devices()?.contains(&"blk-vol-0ddd".to_string()));
+
+    // A volume whose card is not running: refused before QEMU waits for it.
+    let devices = instance.devices()?;
+    let chardevs = instance
+        .qmp()
+        .execute("query-chardev", serde_json::json!({}))?;
+    let unserved = instance.attach_volume(&other.attachment()).unwrap_err();
+    ensure!(
+        matches!(&unserved, InstanceError::CardNotServing { device, .. } if device == "blk-vol-0eee"),
+        "{unserved}"
+    );
+    ensure!(instance.devices()? == devices);
+    ensure!(
+        instance
+            .qmp()
+            .execute("query-chardev", serde_json::json!({}))?
+            == chardevs
+    );
     ensure!(instance.status()?.running);
 
     // The guest ignores ACPI power-off (busybox init): quit, then gone.
