@@ -4,8 +4,8 @@
 //! or vfio-user) and does its I/O on io_uring. This crate holds the parts that
 //! do not depend on which device the guest sees:
 //!
-//! - [`control`]: a card-local control socket (JSON lines), until the
-//!   control plane talks to cards;
+//! - [`agent`]: the card end of the management channel, the versioned
+//!   agent protocol (JSON lines) the control plane configures cards with;
 //! - [`media`]: volume media (a local file) and the io_uring operations on it;
 //! - [`ring`]: a per-queue io_uring whose completions wake an eventfd, so a
 //!   queue worker waits on its kicks and its completions in one place;
@@ -16,7 +16,7 @@
 //! - [`metrics`]: periodic JSON snapshots of a card's counters;
 //! - [`warn`]: rate-limited warnings, so a hostile guest cannot flood the log.
 
-pub mod control;
+pub mod agent;
 pub mod inflight;
 pub mod media;
 pub mod metrics;

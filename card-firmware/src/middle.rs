@@ -28,7 +28,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use hw_model::ebs::{IoDirection, VolumeMetrics, VolumeModel, VolumeSpec};
+use hw_model::ebs::{IoDirection, Limits, VolumeMetrics, VolumeModel, VolumeSpec, VolumeType};
 use hw_model::fault::{FaultError, FaultKind, FaultPlan, FaultSpec};
 use hw_model::latency::{EbsHop, Flash, LatencyModel};
 use hw_model::rng::Rng;
@@ -105,6 +105,8 @@ struct State {
 pub struct Middle {
     epoch: Instant,
     seed: u64,
+    /// Burst-credit speed-up, kept for a volume modified live.
+    time_scale: f64,
     state: Mutex<State>,
     pub counters: MiddleCounters,
 }
@@ -119,6 +121,8 @@ pub enum MiddleError {
     TimeScale(f64),
     #[error("{0} faults apply to the networking card, not to storage")]
     NotForStorage(String),
+    #[error("the card models no volume type: give `volume_type`")]
+    NoVolume,
 }
 
 impl Middle {
@@ -145,6 +149,7 @@ impl Middle {
         Ok(Self {
             epoch: Instant::now(),
             seed: config.seed,
+            time_scale,
             state: Mutex::new(State {
                 volume,
                 latency,
@@ -240,7 +245,69 @@ impl Middle {
         }
     }
 
-    // ---- faults, through the control socket ----
+    // ---- the volume's performance, live (the agent's volume_modify) ----
+
+    /// The modelled volume's type and provisioned figures, and the limits
+    /// they give; None when the card does not model a volume.
+    pub fn volume(&self) -> Option<(VolumeSpec, Limits)> {
+        let state = self.state();
+        let volume = state.volume.as_ref()?;
+        Some((volume.spec().clone(), volume.limits()))
+    }
+
+    /// Changes the volume's type, IOPS or throughput while it serves, as
+    /// EBS's ModifyVolume does, and returns the new spec. `size_bytes` is the
+    /// volume's capacity. A figure not given is kept when the type stays (or
+    /// when the new type takes it too), otherwise it becomes the new type's
+    /// default. The result is validated as `--volume-type`/`--iops`/
+    /// `--throughput` are; refused, nothing changes.
+    ///
+    /// The new model starts with fresh token buckets (and a full burst
+    /// bucket, as a newly modified gp2 volume does not keep its balance on
+    /// AWS either); CloudWatch totals carry over.
+    pub fn modify_volume(
+        &self,
+        size_bytes: u64,
+        change: &VolumeChange,
+    ) -> Result<VolumeSpec, MiddleError> {
+        let now = self.now();
+        let mut state = self.state();
+        let current = state.volume.as_ref().map(|v| v.spec().clone());
+        let volume_type = match (change.volume_type, &current) {
+            (Some(t), _) => t,
+            (None, Some(c)) => c.volume_type,
+            (None, None) => return Err(MiddleError::NoVolume),
+        };
+        let kept = |field: fn(&VolumeSpec) -> Option<u64>, takes: bool| {
+            current.as_ref().and_then(field).filter(|_| takes)
+        };
+        let spec = VolumeSpec {
+            volume_type,
+            size_bytes,
+            iops: change.iops.or_else(|| {
+                kept(
+                    |s| s.iops,
+                    matches!(
+                        volume_type,
+                        VolumeType::Gp3 | VolumeType::Io1 | VolumeType::Io2
+                    ),
+                )
+            }),
+            throughput_mibps: change
+                .throughput_mibps
+                .or_else(|| kept(|s| s.throughput_mibps, volume_type == VolumeType::Gp3)),
+        };
+        let model = VolumeModel::new(&spec, now)?.with_time_scale(self.time_scale, now);
+        // What the old model counted this period goes into the totals first.
+        if let Some(old) = state.volume.as_mut() {
+            let period = old.metrics(now);
+            add_period(&mut state.totals, &period);
+        }
+        state.volume = Some(model);
+        Ok(spec)
+    }
+
+    // ---- faults, through the agent socket ----
 
     pub fn add_fault(&self, spec: FaultSpec) -> Result<String, MiddleError> {
         if spec.kind.is_network() {
@@ -276,16 +343,8 @@ impl Middle {
         let mut state = self.state();
         let state = &mut *state;
         let period = state.volume.as_mut()?.metrics(now);
-        let t = &mut state.totals;
-        t.volume_read_ops += period.volume_read_ops;
-        t.volume_write_ops += period.volume_write_ops;
-        t.volume_read_bytes += period.volume_read_bytes;
-        t.volume_write_bytes += period.volume_write_bytes;
-        t.volume_idle_time += period.volume_idle_time;
-        t.volume_queue_length = period.volume_queue_length;
-        t.burst_balance = period.burst_balance;
-        t.volume_throughput_percentage = period.volume_throughput_percentage;
-        Some(t.clone())
+        add_period(&mut state.totals, &period);
+        Some(state.totals.clone())
     }
 
     // ---- power cut ----
@@ -353,6 +412,28 @@ impl Middle {
     }
 }
 
+/// Sums one period's figures into the totals since the card started; the
+/// gauges (queue length, balance, percentage) are the period's.
+fn add_period(t: &mut VolumeMetrics, period: &VolumeMetrics) {
+    t.volume_read_ops += period.volume_read_ops;
+    t.volume_write_ops += period.volume_write_ops;
+    t.volume_read_bytes += period.volume_read_bytes;
+    t.volume_write_bytes += period.volume_write_bytes;
+    t.volume_idle_time += period.volume_idle_time;
+    t.volume_queue_length = period.volume_queue_length;
+    t.burst_balance = period.burst_balance;
+    t.volume_throughput_percentage = period.volume_throughput_percentage;
+}
+
+/// What a live volume modification asks for; `None` fields are kept (see
+/// [`Middle::modify_volume`]).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct VolumeChange {
+    pub volume_type: Option<VolumeType>,
+    pub iops: Option<u64>,
+    pub throughput_mibps: Option<u64>,
+}
+
 impl std::fmt::Debug for Middle {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Middle")
@@ -365,6 +446,100 @@ impl std::fmt::Debug for Middle {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn gp3() -> Middle {
+        Middle::new(&MiddleConfig {
+            volume: Some(VolumeSpec::gib(VolumeType::Gp3, 100)),
+            ..MiddleConfig::default()
+        })
+        .unwrap()
+    }
+
+    /// Random 4 KiB reads admitted back to back before the first throttle:
+    /// the IOPS bucket's size, a tenth of a second of the limit.
+    fn admitted_at_once(m: &Middle) -> u64 {
+        let mut n = 0;
+        while let Admission::Go { .. } = m.admit(IoDirection::Read, n << 20, 4096) {
+            m.completed(IoDirection::Read, 4096);
+            n += 1;
+        }
+        n
+    }
+
+    #[test]
+    fn a_volume_modified_live_throttles_at_its_new_limit() {
+        let m = gp3();
+        assert_eq!(m.volume().unwrap().1.baseline_iops, 3000);
+        // 300 tokens, plus what refills while the loop runs (bounded loosely:
+        // the assertion is about the bucket doubling, not about speed).
+        let before = admitted_at_once(&m);
+        assert!((300..450).contains(&before), "{before}");
+        let change = VolumeChange {
+            iops: Some(6000),
+            ..VolumeChange::default()
+        };
+        let spec = m.modify_volume(100 << 30, &change).unwrap();
+        assert_eq!(spec.iops, Some(6000));
+        assert_eq!(m.volume().unwrap().1.baseline_iops, 6000);
+        let after = admitted_at_once(&m);
+        assert!((600..750).contains(&after), "{after}");
+        // Throughput not given: kept (default), so a second change keeps IOPS.
+        let change = VolumeChange {
+            throughput_mibps: Some(500),
+            ..VolumeChange::default()
+        };
+        let spec = m.modify_volume(100 << 30, &change).unwrap();
+        assert_eq!((spec.iops, spec.throughput_mibps), (Some(6000), Some(500)));
+    }
+
+    #[test]
+    fn a_refused_modification_changes_nothing() {
+        let m = gp3();
+        m.modify_volume(
+            100 << 30,
+            &VolumeChange {
+                iops: Some(4000),
+                ..VolumeChange::default()
+            },
+        )
+        .unwrap();
+        let before = m.volume().unwrap();
+        for bad in [
+            VolumeChange {
+                iops: Some(80_000),
+                ..VolumeChange::default()
+            },
+            VolumeChange {
+                volume_type: Some(VolumeType::Gp2),
+                iops: Some(3000),
+                ..VolumeChange::default()
+            },
+            VolumeChange {
+                volume_type: Some(VolumeType::St1),
+                ..VolumeChange::default()
+            },
+        ] {
+            let e = m.modify_volume(100 << 30, &bad).unwrap_err();
+            assert!(matches!(e, MiddleError::Volume(_)), "{bad:?}: {e}");
+            assert_eq!(m.volume().unwrap(), before, "{bad:?}");
+        }
+        let e = m
+            .modify_volume(
+                100 << 30,
+                &VolumeChange {
+                    iops: Some(80_000),
+                    ..VolumeChange::default()
+                },
+            )
+            .unwrap_err();
+        assert!(e.to_string().contains("`iops`"), "{e}");
+        // A card without a volume model needs a type to start one.
+        let plain = Middle::new(&MiddleConfig::default()).unwrap();
+        assert!(matches!(
+            plain.modify_volume(100 << 30, &VolumeChange::default()),
+            Err(MiddleError::NoVolume)
+        ));
+    }
 
     #[test]
     fn a_huge_latency_fault_does_not_panic() {

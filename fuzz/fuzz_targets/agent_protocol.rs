@@ -1,34 +1,41 @@
-//! The block card's control socket and its `--fault` CLI form.
+//! The block card's agent socket and its `--fault` CLI form.
 //!
-//! JSON form: each line is answered the way `card_firmware::control` answers
-//! a socket line (parse, one object with one key, `BlockControl::handle`),
-//! and every fault it accepts is then judged against a few I/Os by the
-//! volume's middle, as the data path would. CLI form: `FaultSpec::from_str`
-//! must not panic, what it accepts must print back to an equal spec, and the
-//! middle must take it and judge I/O with it without panicking.
+//! Agent forms: lines are answered by `card_firmware::agent::Session`, what
+//! the socket runs for each connection, over the block card's real handler
+//! (`BlockAgent`) — after the hello a control plane says (JSON form) or from
+//! the connection's first line (raw form, the hello itself fuzzed). Every
+//! answer must be one JSON line holding `ok` or `error`; a refused request
+//! must leave the faults and the volume's performance as they were; a
+//! connection the session closes takes no more lines. Every fault accepted is
+//! then judged against a few I/Os by the volume's middle, as the data path
+//! would. CLI form: `FaultSpec::from_str` must not panic, what it accepts must
+//! print back to an equal spec, and the middle must take it and judge I/O
+//! with it without panicking.
 #![no_main]
 
 use std::str::FromStr;
 use std::sync::{Arc, OnceLock};
+use std::time::Instant;
 
-use card_firmware::control::ControlHandler;
+use card_firmware::agent::{AgentHandler, Next, Session};
 use card_firmware::media::{FileMedia, MediaOptions};
 use card_firmware::middle::{Middle, MiddleConfig};
+use cardsim_fuzz::agent::{CLI, JSON};
 use hw_model::ebs::{IoDirection, VolumeSpec, VolumeType};
 use hw_model::fault::FaultSpec;
 use libfuzzer_sys::fuzz_target;
 use serde_json::Value;
-use vhost_blk_backend::control::BlockControl;
+use vhost_blk_backend::agent::BlockAgent;
 use vhost_blk_backend::metrics::BlockMetrics;
 use vhost_blk_backend::Volume;
 
 /// The backing file, made once; a fresh volume (and middle) per input keeps
-/// runs reproducible.
+/// runs reproducible. 1 GiB sparse: large enough for every gp2/gp3 size rule.
 fn backing() -> &'static tempfile::NamedTempFile {
     static BACKING: OnceLock<tempfile::NamedTempFile> = OnceLock::new();
     BACKING.get_or_init(|| {
         let f = tempfile::NamedTempFile::new().unwrap();
-        f.as_file().set_len(1 << 20).unwrap();
+        f.as_file().set_len(1 << 30).unwrap();
         f
     })
 }
@@ -67,49 +74,63 @@ fn exercise(middle: &Middle) {
     let _ = middle.volume_metrics();
 }
 
-/// card_firmware::control's `answer`, which is private: the same steps.
-fn answer(line: &[u8], control: &BlockControl) -> Option<Value> {
-    let request: Value = serde_json::from_slice(line).ok()?;
-    let object = request.as_object().filter(|o| o.len() == 1)?;
-    let (op, args) = object.iter().next()?;
-    let answer = control.handle(op, args).ok();
-    // The answer goes back as one JSON line.
-    if let Some(a) = &answer {
-        assert!(!a.to_string().contains('\n'));
+/// Feeds `lines` to one session as the socket would, checking each answer.
+fn connection(agent: &BlockAgent, hello: bool, lines: &[u8]) {
+    let middle = &agent.volume.middle;
+    let mut session = Session::new(agent, Instant::now());
+    if hello {
+        let (answer, next) = session.answer(br#"{"hello": {"version": 1}}"#);
+        assert!(answer.get("ok").is_some() && next == Next::KeepOpen, "{answer}");
     }
-    answer
+    for line in lines.split(|&b| b == b'\n') {
+        let (faults, volume) = (middle.faults(), middle.volume());
+        let (answer, next) = session.answer(line);
+        assert!(!answer.to_string().contains('\n'), "{answer}");
+        let ok = answer.get("ok").is_some();
+        assert!(ok != answer.get("error").is_some(), "{answer}");
+        if ok {
+            if middle.faults() != faults || middle.volume() != volume {
+                exercise(middle);
+            }
+        } else {
+            assert_eq!(middle.faults(), faults, "refused, yet faults changed: {answer}");
+            assert_eq!(middle.volume(), volume, "refused, yet the volume changed: {answer}");
+        }
+        if next == Next::Close {
+            return;
+        }
+    }
 }
 
 fuzz_target!(|data: &[u8]| {
     let Some((&form, rest)) = data.split_first() else {
         return;
     };
-    let control = BlockControl { volume: volume() };
-    let middle = &control.volume.middle;
-    if form % 2 == cardsim_fuzz::control::CLI {
-        let Ok(text) = std::str::from_utf8(rest) else {
-            return;
-        };
-        let Ok(spec) = FaultSpec::from_str(text) else {
-            return;
-        };
-        let printed = spec.to_string();
-        assert_eq!(
-            FaultSpec::from_str(&printed).as_ref(),
-            Ok(&spec),
-            "{text:?} printed as {printed:?}"
-        );
-        if middle.add_fault(spec).is_ok() {
-            exercise(middle);
-        }
-    } else {
-        for line in rest.split(|&b| b == b'\n') {
-            let before = middle.faults().len();
-            if answer(line, &control).is_some() && middle.faults().len() != before {
+    let agent = BlockAgent { volume: volume() };
+    let middle = &agent.volume.middle;
+    match form % 3 {
+        CLI => {
+            let Ok(text) = std::str::from_utf8(rest) else {
+                return;
+            };
+            let Ok(spec) = FaultSpec::from_str(text) else {
+                return;
+            };
+            let printed = spec.to_string();
+            assert_eq!(
+                FaultSpec::from_str(&printed).as_ref(),
+                Ok(&spec),
+                "{text:?} printed as {printed:?}"
+            );
+            if middle.add_fault(spec).is_ok() {
                 exercise(middle);
             }
         }
-        let _ = control.handle("fault_list", &Value::Null);
-        let _ = control.handle("metrics", &Value::Null);
+        JSON => {
+            connection(&agent, true, rest);
+            let _ = agent.handle("fault_list", &Value::Null);
+            let _ = agent.handle("metrics", &Value::Null);
+        }
+        _ => connection(&agent, false, rest),
     }
 });

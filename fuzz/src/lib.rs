@@ -286,15 +286,17 @@ pub mod vhost_user {
     }
 }
 
-/// `control_protocol`: the first byte chooses the form, the rest is text.
+/// `agent_protocol`: the first byte chooses the form, the rest is text.
 ///
 /// ```text
-/// byte 0 even: the rest is a `--fault` CLI spec (FaultSpec::from_str)
-/// byte 0 odd:  the rest is control socket input, one JSON request a line
+/// byte 0 % 3 == 0: the rest is a `--fault` CLI spec (FaultSpec::from_str)
+/// byte 0 % 3 == 1: agent socket lines after the hello, one JSON request a line
+/// byte 0 % 3 == 2: agent socket lines from the connection's first (the hello fuzzed too)
 /// ```
-pub mod control {
+pub mod agent {
     pub const CLI: u8 = 0;
     pub const JSON: u8 = 1;
+    pub const RAW: u8 = 2;
 
     pub fn encode(form: u8, text: &str) -> Vec<u8> {
         let mut v = vec![form];

@@ -2,7 +2,7 @@
 //! valid inputs per target, from which libFuzzer mutates.
 
 use crate::blk::{self, Descriptor, DATA, HDR, INDIRECT, STATUS};
-use crate::control::{self, CLI, JSON};
+use crate::agent::{self, CLI, JSON, RAW};
 use crate::vhost_user::{self, Frame, FD_A, FD_B, FD_MEM, MEM_SIZE};
 
 const NEXT: u16 = 1;
@@ -248,9 +248,10 @@ fn vhost_user_messages() -> Vec<(&'static str, Vec<u8>)> {
     ]
 }
 
-fn control_protocol() -> Vec<(&'static str, Vec<u8>)> {
-    let json = |lines: &[&str]| control::encode(JSON, &lines.join("\n"));
-    let cli = |spec: &str| control::encode(CLI, spec);
+fn agent_protocol() -> Vec<(&'static str, Vec<u8>)> {
+    let json = |lines: &[&str]| agent::encode(JSON, &lines.join("\n"));
+    let raw = |lines: &[&str]| agent::encode(RAW, &lines.join("\n"));
+    let cli = |spec: &str| agent::encode(CLI, spec);
     vec![
         (
             "json_io_error",
@@ -280,6 +281,25 @@ fn control_protocol() -> Vec<(&'static str, Vec<u8>)> {
             json(&["not json", "[1,2]", r#"{"a":1,"b":2}"#, r#"{"nope": 1}"#]),
         ),
         (
+            "json_volume_modify",
+            json(&[
+                r#"{"volume_modify": {"volume_type": "gp3", "iops": 4000, "throughput": 250}}"#,
+                r#"{"volume_modify": {"iops": 80000}}"#,
+                r#"{"volume_modify": {"volume_type": "io2", "iops": 500}}"#,
+                r#"{"health": {}}"#,
+            ]),
+        ),
+        (
+            "raw_hello_then_fault",
+            raw(&[
+                r#"{"hello": {"version": 1}}"#,
+                r#"{"fault_add": {"kind": "io_error", "probability": 0.5}}"#,
+                r#"{"hello": {"version": 1}}"#,
+            ]),
+        ),
+        ("raw_wrong_version", raw(&[r#"{"hello": {"version": 7}}"#])),
+        ("raw_no_hello", raw(&[r#"{"metrics": {}}"#])),
+        (
             "cli_io_error",
             cli("kind=io_error,range=0-1M,probability=0.5,seed=7,start=0,end=30"),
         ),
@@ -304,7 +324,7 @@ pub fn all() -> Vec<(&'static str, Vec<(&'static str, Vec<u8>)>)> {
     vec![
         ("virtio_blk_request", virtio_blk_request()),
         ("vhost_user_messages", vhost_user_messages()),
-        ("control_protocol", control_protocol()),
+        ("agent_protocol", agent_protocol()),
     ]
 }
 

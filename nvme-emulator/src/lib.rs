@@ -2,6 +2,7 @@
 //! served out of process over vfio-user, with namespaces on local files
 //! driven through io_uring.
 //!
+//! - [`agent`]: the card's agent operations (faults, metrics);
 //! - [`spec`]: register offsets, opcodes, status codes, queue entry layouts;
 //! - [`dma`]: the driver's memory, reachable only through the regions the
 //!   client mapped (the [`dma::DmaMemory`] seam);
@@ -17,6 +18,7 @@
 //! - [`sandbox`]: the system calls the card may make once jailed.
 
 pub mod admin;
+pub mod agent;
 pub mod controller;
 pub mod datapath;
 pub mod dma;

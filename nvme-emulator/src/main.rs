@@ -7,15 +7,17 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
 
-use card_firmware::metrics;
 use card_firmware::middle::{Latency, MiddleConfig};
 use card_firmware::sandbox::SandboxArgs;
-use hw_model::fault::{FaultKind, FaultSpec};
+use card_firmware::{agent, metrics};
+use hw_model::fault::FaultSpec;
+use nvme_emulator::agent::NvmeAgent;
 use nvme_emulator::controller::{Controller, ControllerConfig};
 use nvme_emulator::namespace::{Namespace, NamespaceSpec};
 use nvme_emulator::server;
@@ -69,6 +71,10 @@ struct Args {
     /// (repeatable; io_error, latency and stall).
     #[arg(long = "fault", value_parser = parse_fault)]
     faults: Vec<FaultSpec>,
+    /// The card's agent socket (0600): the management channel's end, for
+    /// faults, health and metrics while the card runs.
+    #[arg(long, alias = "control")]
+    agent: Option<PathBuf>,
     #[command(flatten)]
     sandbox: SandboxArgs,
 }
@@ -83,13 +89,8 @@ fn parse_media_model(text: &str) -> Result<Latency, String> {
 
 fn parse_fault(text: &str) -> Result<FaultSpec, String> {
     let spec: FaultSpec = text.parse().map_err(|e| format!("{e}"))?;
-    match spec.kind {
-        FaultKind::IoError { .. } | FaultKind::Latency { .. } | FaultKind::Stall => Ok(spec),
-        _ => Err(format!(
-            "{} faults are not supported by the NVMe card (io_error, latency, stall)",
-            spec.kind.name()
-        )),
-    }
+    nvme_emulator::agent::check_fault(&spec)?;
+    Ok(spec)
 }
 
 fn parse_ascii(text: &str, max: usize, what: &str) -> Result<String, String> {
@@ -199,8 +200,12 @@ fn run(args: Args) -> Result<(), Failure> {
     })
     .map_err(|e| Failure::Runtime(e.into()))?;
     // Everything that needs a path or a privilege happens before the card
-    // jails itself: namespaces open, socket bound. Threads start after, so
+    // jails itself: namespaces open, sockets bound. Threads start after, so
     // they inherit the jail.
+    let agent = match &args.agent {
+        Some(path) => Some(agent::bind(path).map_err(|e| Failure::Config(e.into()))?),
+        None => None,
+    };
     let server = server::listen(&ctrl, &args.socket).map_err(|e| Failure::Config(e.into()))?;
     let metrics_path = args
         .sandbox
@@ -210,6 +215,13 @@ fn run(args: Args) -> Result<(), Failure> {
             &nvme_emulator::sandbox::queue_worker_allowlist(),
         )
         .map_err(|e| Failure::Config(e.into()))?;
+    if let Some(agent) = agent {
+        agent
+            .serve(Arc::new(NvmeAgent {
+                controller: ctrl.clone(),
+            }))
+            .map_err(|e| Failure::Runtime(e.into()))?;
+    }
     if let Some(path) = metrics_path {
         let c = ctrl.clone();
         metrics::spawn_writer(path.clone(), Duration::from_secs(1), move || c.snapshot())

@@ -23,11 +23,11 @@ use crate::{card_binary, wait_for_socket, Guest, GuestBuilder, GuestOutput, Kill
 pub const DIR_PLACEHOLDER: &str = "$DIR";
 
 /// A running `vhost-net-backend`: its config, one vhost-user socket per ENI,
-/// a control socket and a metrics file, all in a temporary folder.
+/// an agent socket and a metrics file, all in a temporary folder.
 pub struct NetCard {
     pub process: KillOnDrop,
     pub config: PathBuf,
-    pub control: PathBuf,
+    pub agent: PathBuf,
     pub metrics_file: PathBuf,
     /// `(eni id, socket)` in the config's order.
     pub enis: Vec<(String, PathBuf)>,
@@ -37,7 +37,7 @@ pub struct NetCard {
 impl NetCard {
     /// Writes `config` (a TOML template: every `$DIR` becomes the card's
     /// temporary folder) and starts the card on it with `extra` flags, then
-    /// waits for every ENI's socket and the control socket.
+    /// waits for every ENI's socket and the agent socket.
     pub fn start(config: &str, extra: &[&str]) -> Result<Self> {
         let dir = tempfile::Builder::new()
             .prefix("cardsim-net-")
@@ -51,7 +51,7 @@ impl NetCard {
             !enis.is_empty(),
             "the card's config has no [[eni]] with a socket"
         );
-        let control = dir.path().join("control.sock");
+        let agent = dir.path().join("agent.sock");
         // The card jails itself as nobody and rewrites its metrics file by
         // name: the folder must be that uid's (root still reaches it).
         // SAFETY: geteuid has no preconditions.
@@ -64,8 +64,8 @@ impl NetCard {
         let child = Command::new(card_binary("vhost-net-backend")?)
             .arg("--config")
             .arg(&config)
-            .arg("--control")
-            .arg(&control)
+            .arg("--agent")
+            .arg(&agent)
             .arg("--metrics")
             .arg(&metrics_file)
             .args(extra)
@@ -76,11 +76,11 @@ impl NetCard {
         for (_, socket) in &enis {
             wait_for_socket(socket, Some(&mut process.0), Duration::from_secs(20))?;
         }
-        wait_for_socket(&control, Some(&mut process.0), Duration::from_secs(20))?;
+        wait_for_socket(&agent, Some(&mut process.0), Duration::from_secs(20))?;
         Ok(Self {
             process,
             config,
-            control,
+            agent,
             metrics_file,
             enis,
             dir,
@@ -101,11 +101,10 @@ impl NetCard {
             .with_context(|| format!("no ENI {eni} in the card's config"))
     }
 
-    /// One control-socket request; its `ok` value, or the card's error.
+    /// One agent request on a fresh connection; its `ok` value, or the
+    /// card's error (see [`crate::block_card::card_error_code`]).
     pub fn call(&self, op: &str, args: Value) -> Result<Value> {
-        card_firmware::control::request(&self.control, op, args)
-            .with_context(|| format!("control socket {}", self.control.display()))?
-            .map_err(|e| anyhow::anyhow!("{op}: {}: {}", e.code, e.message))
+        crate::block_card::call(&self.agent, op, args)
     }
 
     /// Everything the card counts, now.

@@ -20,8 +20,8 @@ fn start(dir: &Path, extra: &[&str]) -> Child {
         .arg(dir.join("blk.sock"))
         .arg("--backing")
         .arg(&backing)
-        .arg("--control")
-        .arg(dir.join("control.sock"))
+        .arg("--agent")
+        .arg(dir.join("agent.sock"))
         .args(extra)
         .stdin(Stdio::null())
         .stderr(Stdio::piped())
@@ -70,7 +70,7 @@ fn the_block_card_runs_jailed() {
         "{jail:?}"
     );
 
-    // Still a working card: the control socket answers and the metrics file
+    // Still a working card: the agent socket answers and the metrics file
     // is replaced from inside the jail.
     wait_for_socket(
         &dir.path().join("blk.sock"),
@@ -87,12 +87,11 @@ fn the_block_card_runs_jailed() {
         );
         std::thread::sleep(Duration::from_millis(100));
     }
-    let answer = card_firmware::control::request(
-        &dir.path().join("control.sock"),
+    let answer = cardsim_tests::block_card::call(
+        &dir.path().join("agent.sock"),
         "metrics",
         serde_json::json!({}),
     )
-    .unwrap()
     .unwrap();
     assert!(answer["queues"].is_array(), "{answer}");
 }
@@ -155,7 +154,7 @@ fn no_sandbox_leaves_the_card_unfiltered() {
     let dir = tempfile::tempdir().unwrap();
     let mut card = KillOnDrop(start(dir.path(), &["--no-sandbox"]));
     wait_for_socket(
-        &dir.path().join("control.sock"),
+        &dir.path().join("agent.sock"),
         Some(&mut card.0),
         Duration::from_secs(10),
     )

@@ -3,12 +3,12 @@
 //! Layers, top-down: [`device`] is what the VMM negotiates with (features,
 //! config space, queues); [`queue`] runs one virtqueue against the media;
 //! [`request`] checks each guest request before anything acts on it;
-//! [`metrics`] counts what happened; [`control`] answers the card's control
+//! [`metrics`] counts what happened; [`agent`] answers the card's agent
 //! socket. The middle (faults, throttling, latency) and the media come from
 //! `card_firmware`.
 
+pub mod agent;
 pub mod config;
-pub mod control;
 pub mod device;
 pub mod metrics;
 pub mod queue;
@@ -40,9 +40,9 @@ pub struct Volume {
 }
 
 impl Volume {
-    /// Everything the card counts, as the metrics file and the control
-    /// socket show it: the card's counters, the middle's, and the volume's
-    /// figures in CloudWatch's names.
+    /// Everything the card counts, as the metrics file and the agent
+    /// socket show it: the card's counters, the middle's, the modelled
+    /// volume's type and limits, and its figures in CloudWatch's names.
     pub fn snapshot(&self) -> serde_json::Value {
         use std::sync::atomic::Ordering::Relaxed;
         let mut snapshot = self.metrics.snapshot();
@@ -53,9 +53,25 @@ impl Volume {
             "fault_delays": c.fault_delays.load(Relaxed),
             "fault_stalls": c.fault_stalls.load(Relaxed),
         });
+        if let Some(volume) = self.volume_document() {
+            snapshot["volume"] = volume;
+        }
         if let Some(volume) = self.middle.volume_metrics() {
             snapshot["cloudwatch"] = serde_json::to_value(volume).unwrap_or_default();
         }
         snapshot
+    }
+
+    /// The modelled volume: type, provisioned figures and the limits they
+    /// give (they change with the agent's `volume_modify`).
+    pub fn volume_document(&self) -> Option<serde_json::Value> {
+        let (spec, limits) = self.middle.volume()?;
+        Some(serde_json::json!({
+            "volume_type": spec.volume_type.as_str(),
+            "size_bytes": spec.size_bytes,
+            "iops": spec.iops,
+            "throughput": spec.throughput_mibps,
+            "limits": limits,
+        }))
     }
 }

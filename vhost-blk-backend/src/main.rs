@@ -15,11 +15,11 @@ use clap::Parser;
 use card_firmware::media::{FileMedia, MediaOptions};
 use card_firmware::middle::{Latency, Middle, MiddleConfig};
 use card_firmware::sandbox::SandboxArgs;
-use card_firmware::{control, metrics, vhost};
+use card_firmware::{agent, metrics, vhost};
 use hw_model::ebs::{VolumeSpec, VolumeType};
 use hw_model::fault::{FaultKind, FaultSpec};
+use vhost_blk_backend::agent::BlockAgent;
 use vhost_blk_backend::config;
-use vhost_blk_backend::control::BlockControl;
 use vhost_blk_backend::device::BlockDevice;
 use vhost_blk_backend::metrics::BlockMetrics;
 use vhost_blk_backend::{Volume, SERIAL_LEN};
@@ -82,9 +82,10 @@ struct Args {
     /// (repeatable; see the README for every kind and key).
     #[arg(long = "fault", value_parser = parse_fault)]
     faults: Vec<FaultSpec>,
-    /// A control socket (0600) for faults and metrics while the card runs.
-    #[arg(long)]
-    control: Option<PathBuf>,
+    /// The card's agent socket (0600): the management channel's end, for
+    /// faults, volume changes, health and metrics while the card runs.
+    #[arg(long, alias = "control")]
+    agent: Option<PathBuf>,
     #[command(flatten)]
     sandbox: SandboxArgs,
 }
@@ -224,8 +225,8 @@ fn run(args: Args) -> Result<(), Failure> {
     // Everything that needs a path or a privilege happens before the card
     // jails itself: sockets bound, media open. Threads start after, so they
     // inherit the jail.
-    let control = match &args.control {
-        Some(path) => Some(control::bind(path).map_err(|e| Failure::Config(e.into()))?),
+    let agent = match &args.agent {
+        Some(path) => Some(agent::bind(path).map_err(|e| Failure::Config(e.into()))?),
         None => None,
     };
     let listener = vhost::listen(&args.socket).map_err(|e| Failure::Config(e.into()))?;
@@ -238,9 +239,9 @@ fn run(args: Args) -> Result<(), Failure> {
         )
         .map_err(|e| Failure::Config(e.into()))?;
 
-    if let Some(control) = control {
-        control
-            .serve(Arc::new(BlockControl {
+    if let Some(agent) = agent {
+        agent
+            .serve(Arc::new(BlockAgent {
                 volume: volume.clone(),
             }))
             .map_err(|e| Failure::Runtime(e.into()))?;

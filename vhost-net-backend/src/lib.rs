@@ -7,13 +7,13 @@
 //! - [`allowance`]: per-ENI bandwidth and packets-per-second buckets;
 //! - [`vxlan`]: the VXLAN socket on io_uring;
 //! - [`uplink`]: the optional TAP uplink on io_uring;
-//! - [`counters`], [`control`]: what the card reports;
+//! - [`counters`], [`agent`]: what the card reports, and its agent operations;
 //! - [`sandbox`]: the system calls it makes, for its seccomp filters.
 
+pub mod agent;
 pub mod allowance;
 pub mod card;
 pub mod chain;
-pub mod control;
 pub mod counters;
 pub mod device;
 pub mod features;

@@ -16,9 +16,9 @@ use anyhow::Context;
 use clap::Parser;
 
 use card_firmware::sandbox::SandboxArgs;
-use card_firmware::{control, metrics, vhost};
+use card_firmware::{agent, metrics, vhost};
+use vhost_net_backend::agent::NetAgent;
 use vhost_net_backend::card::Card;
-use vhost_net_backend::control::NetControl;
 use vhost_net_backend::device::PortDevice;
 use vhost_net_backend::{uplink, vxlan};
 use vpc::config::VpcConfig;
@@ -38,9 +38,10 @@ struct Args {
     /// Write the card's counters as JSON to this file every second.
     #[arg(long)]
     metrics: Option<PathBuf>,
-    /// A control socket (0600): `{"metrics": {}}` and live changes.
-    #[arg(long)]
-    control: Option<PathBuf>,
+    /// The card's agent socket (0600): the management channel's end, for
+    /// health, metrics and live security-group changes.
+    #[arg(long, alias = "control")]
+    agent: Option<PathBuf>,
     /// Poll mode: after a TX batch, keep polling the queue (guest kicks off)
     /// until it has been idle this many microseconds. 0: interrupt mode.
     #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u64).range(0..=1_000_000))]
@@ -142,7 +143,7 @@ fn run(args: Args) -> Result<(), Failure> {
     let card = Arc::new(card);
 
     // Everything that needs a path or a privilege happens before the card
-    // jails itself: every port's socket listening, the control socket bound,
+    // jails itself: every port's socket listening, the agent socket bound,
     // the VXLAN socket and the tap open. Threads start after, so they inherit
     // the jail.
     let mut listeners = Vec::new();
@@ -154,8 +155,8 @@ fn run(args: Args) -> Result<(), Failure> {
         listener.set_net_mtu_handler(Arc::new(move |mtu| c.set_port_mtu(id, mtu)));
         listeners.push((port.clone(), listener));
     }
-    let control = match &args.control {
-        Some(path) => Some(control::bind(path).map_err(|e| Failure::Config(e.into()))?),
+    let agent = match &args.agent {
+        Some(path) => Some(agent::bind(path).map_err(|e| Failure::Config(e.into()))?),
         None => None,
     };
     let metrics_path = args
@@ -167,9 +168,9 @@ fn run(args: Args) -> Result<(), Failure> {
         )
         .map_err(|e| Failure::Config(e.into()))?;
 
-    if let Some(control) = control {
-        control
-            .serve(Arc::new(NetControl { card: card.clone() }))
+    if let Some(agent) = agent {
+        agent
+            .serve(Arc::new(NetAgent { card: card.clone() }))
             .map_err(|e| Failure::Runtime(e.into()))?;
     }
     if let Some(path) = metrics_path {

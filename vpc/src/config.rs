@@ -193,9 +193,11 @@ struct RawSubnet {
     gateway: Option<String>,
 }
 
+/// A security group as written: a `[[security_group]]` table, or the same keys in JSON (the networking card's
+/// agent takes one with `security_group_put`). Validated by [`VpcConfig::check_security_group`].
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct RawSecurityGroup {
+pub struct RawSecurityGroup {
     id: String,
     #[serde(default)]
     ingress: Vec<RawRule>,
@@ -508,39 +510,17 @@ impl VpcConfig {
         let group_ids: HashSet<&str> = raw.security_group.iter().map(|g| g.id.as_str()).collect();
         let mut security_groups: Vec<SecurityGroup> = Vec::new();
         for (i, g) in raw.security_group.iter().enumerate() {
-            identifier(&format!("security_group[{i}].id"), &g.id)?;
             if security_groups.iter().any(|o| o.id == g.id) {
                 return Err(invalid(
                     format!("security_group[{i}].id"),
                     format!("{:?} is used by an earlier security_group", g.id),
                 ));
             }
-            let key = format!("security_group[{i}] ({})", g.id);
-            let ingress = g
-                .ingress
-                .iter()
-                .enumerate()
-                .map(|(j, r)| rule(&format!("{key}.ingress[{j}]"), r, &group_ids))
-                .collect::<Result<Vec<_>, _>>()?;
-            let egress = match &g.egress {
-                None => vec![Rule {
-                    proto: Proto::All,
-                    ports: None,
-                    peer: RulePeer::Cidr(
-                        Ipv4Cidr::new(Ipv4Addr::UNSPECIFIED, 0).expect("0.0.0.0/0"),
-                    ),
-                }],
-                Some(rules) => rules
-                    .iter()
-                    .enumerate()
-                    .map(|(j, r)| rule(&format!("{key}.egress[{j}]"), r, &group_ids))
-                    .collect::<Result<Vec<_>, _>>()?,
-            };
-            security_groups.push(SecurityGroup {
-                id: g.id.clone(),
-                ingress,
-                egress,
-            });
+            security_groups.push(security_group(
+                &format!("security_group[{i}]"),
+                g,
+                &group_ids,
+            )?);
         }
 
         // [[eni]]
@@ -788,6 +768,52 @@ impl VpcConfig {
     pub fn eni_index(&self, id: &str) -> Option<usize> {
         self.enis.iter().position(|e| e.id == id)
     }
+
+    /// Validates a security group given while the card runs, as `[[security_group]]` is validated: its
+    /// `source_group`s may name this config's groups or the group itself. Errors name the key under
+    /// `security_group (ID)`.
+    pub fn check_security_group(
+        &self,
+        raw: &RawSecurityGroup,
+    ) -> Result<SecurityGroup, ConfigError> {
+        let mut group_ids: HashSet<&str> =
+            self.security_groups.iter().map(|g| g.id.as_str()).collect();
+        group_ids.insert(raw.id.as_str());
+        security_group("security_group", raw, &group_ids)
+    }
+}
+
+/// One `[[security_group]]`; `key` is how errors name it (`security_group[2]`).
+fn security_group(
+    key: &str,
+    g: &RawSecurityGroup,
+    group_ids: &HashSet<&str>,
+) -> Result<SecurityGroup, ConfigError> {
+    identifier(&format!("{key}.id"), &g.id)?;
+    let key = format!("{key} ({})", g.id);
+    let ingress = g
+        .ingress
+        .iter()
+        .enumerate()
+        .map(|(j, r)| rule(&format!("{key}.ingress[{j}]"), r, group_ids))
+        .collect::<Result<Vec<_>, _>>()?;
+    let egress = match &g.egress {
+        None => vec![Rule {
+            proto: Proto::All,
+            ports: None,
+            peer: RulePeer::Cidr(Ipv4Cidr::new(Ipv4Addr::UNSPECIFIED, 0).expect("0.0.0.0/0")),
+        }],
+        Some(rules) => rules
+            .iter()
+            .enumerate()
+            .map(|(j, r)| rule(&format!("{key}.egress[{j}]"), r, group_ids))
+            .collect::<Result<Vec<_>, _>>()?,
+    };
+    Ok(SecurityGroup {
+        id: g.id.clone(),
+        ingress,
+        egress,
+    })
 }
 
 fn check_bucket(key: &str, b: &RawBucket) -> Result<(), ConfigError> {
@@ -1100,6 +1126,36 @@ mod tests {
         assert_eq!(parse_ports("0"), Some(PortRange { first: 0, last: 0 }));
         for bad in ["", "-", "1-", "-1", "65536", "a", "1-2-3", "+5"] {
             assert_eq!(parse_ports(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn a_security_group_given_live_is_validated_as_the_file_is() {
+        let c = VpcConfig::parse(EXAMPLE).unwrap();
+        let raw = |text: &str| -> RawSecurityGroup { toml::from_str(text).unwrap() };
+        let g = c
+            .check_security_group(&raw(r#"id = "sg-db"
+                ingress = [ { proto = "tcp", ports = "5432", source_group = "sg-db" },
+                            { proto = "udp", source_group = "sg-web" } ]"#))
+            .unwrap();
+        assert_eq!(g.ingress.len(), 2);
+        // No egress key: everything outbound, as in the file.
+        assert_eq!(g.egress[0].proto, Proto::All);
+        for (text, expected) in [
+            (
+                r#"id = "sg-db"
+                ingress = [ { proto = "tcp", ports = "70000", cidr = "10.0.0.0/16" } ]"#,
+                "security_group (sg-db).ingress[0].ports: \"70000\" is not a port or range",
+            ),
+            (
+                r#"id = "sg-db"
+                egress = [ { proto = "tcp", source_group = "sg-nope" } ]"#,
+                "security_group (sg-db).egress[0].source_group: no security_group has id \"sg-nope\"",
+            ),
+            (r#"id = "sg db""#, "security_group.id: \"sg db\" is not an id"),
+        ] {
+            let e = c.check_security_group(&raw(text)).unwrap_err().to_string();
+            assert!(e.starts_with(expected), "{e}");
         }
     }
 }

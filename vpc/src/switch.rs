@@ -413,6 +413,22 @@ impl Switch {
         self.ports.get(port).map_or(0, |p| p.conntrack.len())
     }
 
+    /// Defines `group` or replaces the group of the same id (validated by
+    /// [`crate::config::VpcConfig::check_security_group`]). Tracked flows stay allowed (as on AWS); new flows
+    /// see the new rules, on every ENI in the group.
+    pub fn put_security_group(&mut self, group: crate::config::SecurityGroup) {
+        match self
+            .config
+            .security_groups
+            .iter_mut()
+            .find(|g| g.id == group.id)
+        {
+            Some(existing) => *existing = group,
+            // Appended: the indices in `port_groups` stay valid.
+            None => self.config.security_groups.push(group),
+        }
+    }
+
     /// Replaces `port`'s security groups. Tracked flows stay allowed (as on AWS); new flows see the new rules.
     pub fn set_security_groups(
         &mut self,

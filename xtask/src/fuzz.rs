@@ -23,7 +23,7 @@ pub const TARGETS: [&str; 7] = [
     "nvme_driver",
     "nvme_data_pointer",
     "vfio_user_device",
-    "control_protocol",
+    "agent_protocol",
 ];
 
 /// `--quick`: every target for this long, all at once (CI).
