@@ -147,16 +147,22 @@ fn id(v: &Value) -> Result<String> {
 }
 
 #[test]
-fn guest_qemu11_cardctl_runs_an_instance_and_hot_attaches_a_volume() -> Result<()> {
+fn guest_qemu11_cardctl_runs_an_instance_with_a_volume_and_a_namespace_and_hot_attaches_a_volume(
+) -> Result<()> {
     let dir = tempfile::tempdir()?;
     let cp = ControlPlane::start(dir.path())?;
     let root = id(&cp.cardctl(&["volume", "create", "--size", "1G", "--type", "gp3"])?)?;
     let data = id(&cp.cardctl(&["volume", "create", "--size", "1G", "--type", "gp3"])?)?;
+    let ns = id(&cp.cardctl(&["namespace", "create", "--size", "64M"])?)?;
     let script = dir.path().join("user-data.sh");
     fs::write(
         &script,
         r#"
 wait_dev /dev/vda
+wait_dev /dev/nvme0n1
+yes nvme | head -c 65536 > /tmp/nvme
+dd if=/tmp/nvme of=/dev/nvme0n1 bs=65536 oflag=direct 2>/dev/null
+dd if=/dev/nvme0n1 bs=65536 count=1 iflag=direct 2>/dev/null | cmp - /tmp/nvme
 echo MC-WAITING-VDB
 wait_dev /dev/vdb 60
 yes hotplug | head -c 1048576 > /tmp/pattern
@@ -177,6 +183,8 @@ echo MC-VDB-GONE
         "run",
         "--volume",
         &root,
+        "--namespace",
+        &ns,
         "--vcpus",
         "2",
         "--user-data",
@@ -189,6 +197,14 @@ echo MC-VDB-GONE
     let i = id(&instance)?;
     let console = PathBuf::from(instance["console_log"].as_str().context("console")?);
     ensure!(cp.cardctl(&["describe", &root])?["attached_to"] == i.as_str());
+    ensure!(cp.cardctl(&["describe", &ns])?["attached_to"] == i.as_str());
+    // The guest's NVMe write reached the namespace's file through its card.
+    let mut nvme = vec![0u8; 10];
+    fs::File::open(cp.state.join(format!("namespaces/{ns}.img")))?.read_exact_at(&mut nvme, 0)?;
+    ensure!(
+        nvme == b"nvme\nnvme\n",
+        "the namespace's file did not get the guest's write"
+    );
 
     let attached = cp.cardctl(&["volume", "attach", &data, "--instance", &i])?;
     ensure!(attached["state"] == "in-use", "{attached}");
@@ -240,6 +256,7 @@ echo MC-VDB-GONE
     );
     cp.cardctl(&["instance", "terminate", &i])?;
     ensure!(cp.cardctl(&["describe", &root])?["state"] == "available");
+    ensure!(cp.cardctl(&["describe", &ns])?["state"] == "available");
     Ok(())
 }
 
