@@ -944,6 +944,9 @@ mod tests {
             socket: dir.path().join("vol.sock"),
             num_queues: 1,
         };
+        // Something must answer on the volume's socket for QEMU to be asked;
+        // device_add fails anyway (no PCI bus), before any vhost-user talk.
+        let _listener = std::os::unix::net::UnixListener::bind(&volume.socket).unwrap();
         match vm.attach_volume(&volume) {
             Err(InstanceError::Qmp { device, source, .. }) => {
                 assert_eq!(device, "blk-vol-0abc");

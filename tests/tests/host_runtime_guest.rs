@@ -49,7 +49,7 @@ impl Volume {
                 self.socket.clone().into(),
                 "--backing".into(),
                 self.backing.clone().into(),
-                "--control".into(),
+                "--agent".into(),
                 self.agent().into(),
                 "--num-queues".into(),
                 "1".into(),
@@ -513,6 +513,21 @@ fn supervisor_restarts_a_killed_block_card_and_updates_its_firmware() -> Result<
         "{status:?}"
     );
     ensure!(status.program == v2.display().to_string(), "{status:?}");
+
+    // A spec that names the wrong kind of card: its agent says otherwise,
+    // so it never counts as healthy.
+    let mut wrong = Volume::new(dir.path(), "vol-0a22")?.card(dir.path())?;
+    wrong.kind = CardKind::Net;
+    supervisor.start(wrong)?;
+    let err = supervisor
+        .wait_healthy("blk-vol-0a22", Duration::from_secs(3))
+        .unwrap_err();
+    ensure!(
+        err.to_string()
+            .contains("is served by a Blk card, not a Net card"),
+        "{err}"
+    );
+    supervisor.stop("blk-vol-0a22")?;
 
     // A firmware that is not there: refused, the card stays stopped on the
     // old program.
