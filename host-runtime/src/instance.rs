@@ -790,6 +790,14 @@ impl Instance {
         Ok(())
     }
 
+    /// Lets go of the instance without stopping it: a launched QEMU keeps
+    /// running, to be found again by [`Instance::register`] on its QMP
+    /// socket (a daemon restart).
+    pub fn release(mut self) {
+        // A Child dropped without kill() leaves its process alone.
+        self.child = None;
+    }
+
     /// How a launched QEMU exited, once it has (reaps it).
     pub fn exit_status(&mut self) -> Option<std::process::ExitStatus> {
         self.child

@@ -351,9 +351,25 @@ fn guest_qemu7_bad_hot_plug_requests_change_nothing() -> Result<()> {
     );
     ensure!(instance.status()?.running);
 
+    // Released (a daemon restart) and registered again by its QMP socket:
+    // hot-plug finds the launched instance's free root port through QEMU.
+    let pid = instance.pid().context("a launched instance")?;
+    let (id, qmp_socket) = (
+        instance.id().to_string(),
+        instance.qmp_socket().to_path_buf(),
+    );
+    instance.release();
+    let mut instance = Instance::register(&id, &qmp_socket)?;
+    ensure!(instance.status()?.running);
+    instance.attach_volume(&vol.attachment())?;
+    ensure!(instance.devices()?.contains(&"blk-vol-0ddd".to_string()));
+
     // The guest ignores ACPI power-off (busybox init): quit, then gone.
     instance.stop(Duration::from_secs(2))?;
-    ensure!(instance.exit_status().is_some());
+    let mut status = 0;
+    // SAFETY: waitpid(2) on our own child (QEMU), which nobody else reaps now.
+    let reaped = unsafe { libc::waitpid(pid as libc::pid_t, &mut status, 0) };
+    ensure!(reaped == pid as libc::pid_t, "QEMU was not reaped");
     ensure!(instance.status().is_err());
     Ok(())
 }
