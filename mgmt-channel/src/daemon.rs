@@ -694,6 +694,9 @@ impl Daemon {
             .get(Kind::Subnet, &req.subnet_id)
             .map_err(|e| ApiError::invalid("subnet_id", e.message))?;
         self.check_groups(&req.security_groups)?;
+        if let Some(allowance) = &req.allowance {
+            check_rate_limiter("allowance", allowance)?;
+        }
         let cidr = Cidr::parse(&subnet.cidr).map_err(ApiError::internal)?;
         let enis: Vec<Eni> = self.store().list(Kind::Eni)?;
         let used = |ip: Ipv4Addr| enis.iter().any(|e| e.ip == ip.to_string());
@@ -735,6 +738,7 @@ impl Daemon {
             subnet_id: subnet.id,
             ip: ip.to_string(),
             security_groups: req.security_groups,
+            allowance: req.allowance,
             state: "available".into(),
             attached_to: None,
             created_ms: now_ms(),
@@ -1071,11 +1075,39 @@ impl Daemon {
     }
 
     pub fn instance(&self, id: &str) -> Result<Instance, ApiError> {
+        self.refresh_instances();
         self.get(Kind::Instance, id)
     }
 
     pub fn instances(&self) -> Result<Vec<Instance>, ApiError> {
+        self.refresh_instances();
         Ok(self.store().list(Kind::Instance)?)
+    }
+
+    /// Records launched guests whose QEMU has exited (a guest that powered
+    /// off) as stopped. Skipped while a mutation holds the instances (an
+    /// attach waiting on a guest): the next read catches up.
+    fn refresh_instances(&self) {
+        let Ok(mut vms) = self.vms.try_lock() else {
+            return;
+        };
+        let exited: Vec<(String, String)> = vms
+            .iter_mut()
+            .filter_map(|(id, vm)| vm.exit_status().map(|s| (id.clone(), s.to_string())))
+            .collect();
+        for (id, status) in exited {
+            vms.remove(&id);
+            let store = self.store();
+            if let Ok(Some(mut instance)) = store.get::<Instance>(Kind::Instance, &id) {
+                instance.state = "stopped".into();
+                instance.pid = None;
+                if let Err(e) = store.put(Kind::Instance, &id, &instance) {
+                    tracing::error!(error = %e, "recording a stopped instance");
+                }
+            }
+            drop(store);
+            self.event(&id, "stopped", &format!("QEMU exited ({status})"));
+        }
     }
 
     /// Terminates a launched instance (stops its QEMU) or forgets a

@@ -386,6 +386,50 @@ pub struct CreateEni {
     /// A private address in the subnet; default: the lowest free one from .10.
     #[serde(default)]
     pub ip: Option<String>,
+    /// Bandwidth and packet allowance; default: unlimited.
+    #[serde(default)]
+    pub allowance: Option<RateLimiter>,
+}
+
+/// A token bucket in Firecracker's shape: `size` tokens (bytes or packets)
+/// refill every `refill_time` ms; `one_time_burst` is extra initial budget.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TokenBucket {
+    pub size: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub one_time_burst: Option<u64>,
+    pub refill_time: u64,
+}
+
+/// An ENI's allowance, Firecracker's rate-limiter shape: `bandwidth` in
+/// bytes, `ops` in packets, each per direction.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimiter {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bandwidth: Option<TokenBucket>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ops: Option<TokenBucket>,
+}
+
+pub fn check_rate_limiter(field: &str, limiter: &RateLimiter) -> Result<(), ApiError> {
+    for (name, bucket) in [("bandwidth", &limiter.bandwidth), ("ops", &limiter.ops)] {
+        let Some(b) = bucket else { continue };
+        if b.size == 0 {
+            return Err(ApiError::invalid(
+                &format!("{field}.{name}.size"),
+                "must be above 0",
+            ));
+        }
+        if b.refill_time == 0 {
+            return Err(ApiError::invalid(
+                &format!("{field}.{name}.refill_time"),
+                "must be above 0 (milliseconds)",
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// `PATCH /v1/enis/{id}`: replaces the ENI's groups, live.
@@ -404,6 +448,8 @@ pub struct Eni {
     pub ip: String,
     pub mac: String,
     pub security_groups: Vec<String>,
+    #[serde(default)]
+    pub allowance: Option<RateLimiter>,
     pub state: String,
     pub attached_to: Option<String>,
     /// The networking card's vhost-user-net socket for this ENI.

@@ -6,7 +6,27 @@ use std::fmt::Write;
 
 use serde_json::json;
 
-use crate::model::{Cidr, Eni, Rule, SecurityGroup, Subnet};
+use crate::model::{Cidr, Eni, RateLimiter, Rule, SecurityGroup, Subnet, TokenBucket};
+
+fn bucket(b: &TokenBucket) -> String {
+    let mut out = format!("{{ size = {}, refill_time = {}", b.size, b.refill_time);
+    if let Some(burst) = b.one_time_burst {
+        let _ = write!(out, ", one_time_burst = {burst}");
+    }
+    out.push_str(" }");
+    out
+}
+
+fn allowance(limiter: &RateLimiter) -> String {
+    let mut parts = Vec::new();
+    if let Some(b) = &limiter.bandwidth {
+        parts.push(format!("bandwidth = {}", bucket(b)));
+    }
+    if let Some(o) = &limiter.ops {
+        parts.push(format!("ops = {}", bucket(o)));
+    }
+    format!("{{ {} }}", parts.join(", "))
+}
 
 /// A TOML basic string.
 fn quote(text: &str) -> String {
@@ -85,6 +105,13 @@ pub fn render(
             quote(&e.subnet_id),
             groups.join(", ")
         );
+        if let Some(limiter) = e
+            .allowance
+            .as_ref()
+            .filter(|l| l.bandwidth.is_some() || l.ops.is_some())
+        {
+            let _ = writeln!(out, "allowance = {}", allowance(limiter));
+        }
     }
     out
 }

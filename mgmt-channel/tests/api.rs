@@ -260,7 +260,10 @@ fn every_resource_can_be_created_described_listed_and_deleted() {
         r#"{"ingress": [{"proto": "icmp", "cidr": "0.0.0.0/0"}], "egress": []}"#,
     );
     assert_eq!(rules.status, 200, "{}", rules.body);
-    let eni2 = d.created("/v1/enis", json!({"subnet_id": subnet_id}));
+    let eni2 = d.created(
+        "/v1/enis",
+        json!({"subnet_id": subnet_id, "allowance": {"bandwidth": {"size": 2_500_000, "refill_time": 100}}}),
+    );
     let eni2_id = eni2["id"].as_str().unwrap();
     let groups = d.raw(
         "PATCH",
@@ -271,6 +274,10 @@ fn every_resource_can_be_created_described_listed_and_deleted() {
     let config = std::fs::read_to_string(d.state.join("run/vpc.toml")).unwrap();
     assert!(
         config.contains(eni2_id) && config.contains("proto = \"icmp\""),
+        "{config}"
+    );
+    assert!(
+        config.contains("allowance = { bandwidth = { size = 2500000, refill_time = 100 } }"),
         "{config}"
     );
 
@@ -549,6 +556,16 @@ fn bad_input_is_a_4xx_naming_the_field_and_changes_nothing() {
             422,
             "invalid_value",
             "subnet_id",
+        ),
+        (
+            "POST",
+            "/v1/enis".into(),
+            format!(
+                r#"{{"subnet_id": "{subnet_id}", "allowance": {{"ops": {{"size": 0, "refill_time": 100}}}}}}"#
+            ),
+            422,
+            "invalid_value",
+            "allowance.ops.size",
         ),
         (
             "POST",

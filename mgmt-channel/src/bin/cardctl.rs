@@ -183,6 +183,13 @@ enum EniCmd {
         security_groups: Vec<String>,
         #[arg(long)]
         ip: Option<String>,
+        /// Bandwidth allowance per direction, Firecracker's shape:
+        /// `SIZE:REFILL_MS` (bytes per refill time).
+        #[arg(long, value_parser = parse_bucket)]
+        bandwidth: Option<Value>,
+        /// Packet allowance per direction: `SIZE:REFILL_MS`.
+        #[arg(long, value_parser = parse_bucket)]
+        ops: Option<Value>,
     },
     /// Replace an ENI's security groups (live).
     Modify {
@@ -242,6 +249,17 @@ enum InstanceCmd {
     Terminate {
         id: String,
     },
+}
+
+fn parse_bucket(text: &str) -> Result<Value, String> {
+    let (size, refill) = text
+        .split_once(':')
+        .ok_or_else(|| format!("{text:?} is not SIZE:REFILL_MS"))?;
+    let size = card_firmware::media::parse_size(size)?;
+    let refill: u64 = refill
+        .parse()
+        .map_err(|_| format!("{refill:?} is not a number of milliseconds"))?;
+    Ok(json!({"size": size, "refill_time": refill}))
 }
 
 fn parse_rule(text: &str) -> Result<Value, String> {
@@ -467,10 +485,22 @@ fn run(cli: &Cli, client: &Client) -> anyhow::Result<ExitCode> {
                 subnet,
                 security_groups,
                 ip,
+                bandwidth,
+                ops,
             } => {
                 let mut body = json!({"subnet_id": subnet, "security_groups": security_groups});
                 if ip.is_some() {
                     body["ip"] = opt(ip);
+                }
+                if bandwidth.is_some() || ops.is_some() {
+                    let mut allowance = json!({});
+                    if let Some(b) = bandwidth {
+                        allowance["bandwidth"] = b.clone();
+                    }
+                    if let Some(o) = ops {
+                        allowance["ops"] = o.clone();
+                    }
+                    body["allowance"] = allowance;
                 }
                 (client.post("/v1/enis", &body)?, Show::One(ENI))
             }
