@@ -1051,6 +1051,19 @@ impl Daemon {
         if !socket.is_absolute() {
             return Err(ApiError::invalid("qmp_socket", "must be an absolute path"));
         }
+        // QEMU serves one QMP client at a time: a second registration would
+        // wait for a greeting that never comes.
+        if let Some(other) = self
+            .store()
+            .list::<Instance>(Kind::Instance)?
+            .into_iter()
+            .find(|i| Path::new(&i.qmp_socket) == socket)
+        {
+            return Err(ApiError::conflict(format!(
+                "{} is already {}'s QMP socket",
+                req.qmp_socket, other.id
+            )));
+        }
         let id = new_id(Kind::Instance);
         let vm = Vm::register(&id, &socket)
             .map_err(|e| ApiError::invalid("qmp_socket", e.to_string()))?;

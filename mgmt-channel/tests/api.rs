@@ -864,3 +864,95 @@ fn a_crashed_card_is_restarted_and_given_its_configuration_again() {
         assert!(kinds.contains(&kind), "{kind} in {kinds:?}");
     }
 }
+
+/// A VMM started by someone else (QEMU 7.2, paused, no guest) taken over by
+/// its QMP socket: a volume hot-plugs into it once; a second attach, here or
+/// to another instance, is refused and changes nothing.
+#[test]
+fn a_registered_vmm_takes_a_hot_plugged_volume_once() {
+    let qemu = Path::new("/usr/bin/qemu-system-x86_64");
+    assert!(qemu.is_file(), "QEMU 7.2 is needed: cargo xtask deps");
+    let dir = tempfile::tempdir().unwrap();
+    let d = Daemon::start(dir.path(), &[]);
+    let qmp = dir.path().join("qmp.sock");
+    let mut vmm = Command::new(qemu)
+        .args([
+            "-machine",
+            "pc",
+            "-nodefaults",
+            "-display",
+            "none",
+            "-S",
+            "-m",
+            "128M",
+        ])
+        .args(["-object", "memory-backend-memfd,id=mem,size=128M,share=on"])
+        .args(["-numa", "node,memdev=mem"])
+        .arg("-qmp")
+        .arg(format!("unix:{},server=on,wait=off", qmp.display()))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !qmp.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "QEMU did not open its QMP socket"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let relative = d.post("/v1/instances/register", json!({"qmp_socket": "qmp.sock"}));
+    assert_eq!(relative.status, 422, "{}", relative.body);
+    let instance = d.created(
+        "/v1/instances/register",
+        json!({"qmp_socket": qmp.to_str().unwrap()}),
+    );
+    let i = instance["id"].as_str().unwrap();
+    assert_eq!(instance["origin"], "registered");
+    let vol = d.created(
+        "/v1/volumes",
+        json!({"size_bytes": 8 * GIB, "volume_type": "gp3"}),
+    );
+    let v = vol["id"].as_str().unwrap();
+
+    let attached = d.post(
+        &format!("/v1/volumes/{v}/attach"),
+        json!({"instance_id": i}),
+    );
+    assert_eq!(attached.status, 200, "{}", attached.body);
+    assert_eq!(attached.body["attached_to"], i);
+    assert_eq!(
+        d.get(&format!("/v1/instances/{i}")).body["volumes"],
+        json!([v])
+    );
+
+    let before = d.snapshot();
+    let again = d.post(
+        "/v1/instances/register",
+        json!({"qmp_socket": qmp.to_str().unwrap()}),
+    );
+    assert_eq!(
+        (again.status, again.error_code()),
+        (409, Some("conflict")),
+        "{}",
+        again.body
+    );
+    let twice = d.post(
+        &format!("/v1/volumes/{v}/attach"),
+        json!({"instance_id": i}),
+    );
+    assert_eq!(
+        (twice.status, twice.error_code()),
+        (409, Some("conflict")),
+        "{}",
+        twice.body
+    );
+    assert!(twice.body["error"]["message"].as_str().unwrap().contains(i));
+    let in_use = d.delete(&format!("/v1/volumes/{v}"));
+    assert_eq!(in_use.status, 409, "{}", in_use.body);
+    assert_eq!(d.snapshot(), before, "refused attaches change nothing");
+
+    vmm.kill().unwrap();
+    vmm.wait().unwrap();
+}
