@@ -692,14 +692,14 @@ impl Instance {
                 device: dev,
             });
         }
-        self.execute(&dev, "device_del", json!({"id": dev}))?;
-        let want = dev.clone();
+        let is_this = |dev: String| {
+            move |data: &Value| data.get("device").and_then(Value::as_str) == Some(dev.as_str())
+        };
         self.qmp
-            .wait_event(
-                "DEVICE_DELETED",
-                move |data| data.get("device").and_then(Value::as_str) == Some(want.as_str()),
-                timeout,
-            )
+            .discard_events("DEVICE_DELETED", is_this(dev.clone()));
+        self.execute(&dev, "device_del", json!({"id": dev}))?;
+        self.qmp
+            .wait_event("DEVICE_DELETED", is_this(dev.clone()), timeout)
             .map_err(|source| InstanceError::Qmp {
                 instance: self.id.clone(),
                 device: dev.clone(),

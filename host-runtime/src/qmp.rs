@@ -298,6 +298,13 @@ impl QmpClient {
         Ok(self.events.drain(..).collect())
     }
 
+    /// Drops buffered events named `name` whose data satisfies `matches`
+    /// (a late event from an earlier, timed-out wait must not answer a new one).
+    pub fn discard_events(&mut self, name: &str, matches: impl Fn(&Value) -> bool) {
+        self.events
+            .retain(|e| !(e.name == name && matches(&e.data)));
+    }
+
     fn buffer_event(&mut self, event: QmpEvent) {
         if self.events.len() == MAX_BUFFERED_EVENTS {
             self.events.pop_front();
@@ -503,6 +510,11 @@ mod tests {
         assert!(resumed.is_ok(), "{resumed:?}");
         let stop = qmp.wait_event("STOP", |_| true, Duration::from_secs(5));
         assert!(stop.is_ok(), "{stop:?}");
+        qmp.execute("stop", json!({})).unwrap();
+        qmp.execute("query-status", json!({})).unwrap();
+        qmp.discard_events("STOP", |_| true);
+        let gone = qmp.wait_event("STOP", |_| true, Duration::from_millis(200));
+        assert!(matches!(gone, Err(QmpError::Timeout { .. })), "{gone:?}");
         let none = qmp.wait_event("DEVICE_DELETED", |_| true, Duration::from_millis(200));
         assert!(matches!(none, Err(QmpError::Timeout { .. })), "{none:?}");
 

@@ -184,7 +184,9 @@ echo HR-VDB-GONE
     )?)?;
     wait_console(&mut instance, "HR-WAITING-VDB", Duration::from_secs(60))?;
 
+    let attaching = Instant::now();
     instance.attach_volume(&data.attachment())?;
+    let attach_took = attaching.elapsed();
     ensure!(instance.devices()?.contains(&"blk-vol-0bbb".to_string()));
     wait_console(&mut instance, "HR-VDB-READBACK-OK", Duration::from_secs(30))?;
     // What the guest wrote went through the hot-plugged card to its file.
@@ -195,7 +197,13 @@ echo HR-VDB-GONE
         "the volume's file did not get the guest's write"
     );
 
+    let detaching = Instant::now();
     instance.detach_volume("vol-0bbb", Duration::from_secs(30))?;
+    // Figures for the report, not checked: TCG timings vary.
+    eprintln!(
+        "attach (chardev-add + device_add) {attach_took:?}; detach (device_del to DEVICE_DELETED) {:?}",
+        detaching.elapsed()
+    );
     ensure!(!instance.devices()?.contains(&"blk-vol-0bbb".to_string()));
     wait_console(&mut instance, "HR-VDB-GONE", Duration::from_secs(30))?;
     wait_script_ok(&mut instance, Duration::from_secs(30))?;
@@ -242,11 +250,23 @@ echo HR-FIO-OK
     let console = fs::read_to_string(instance.console_log().context("console")?)?;
     ensure!(console.contains("HR-FIO-OK"), "{}", tail(&console, 30));
 
-    let after: Vec<CardEventKind> = collect_events(&events)
+    let after: Vec<CardEvent> = collect_events(&events)
         .into_iter()
         .filter(|e| e.card == name)
-        .map(|e| e.kind)
         .collect();
+    let at =
+        |want: fn(&CardEventKind) -> bool| after.iter().find(|e| want(&e.kind)).map(|e| e.time);
+    if let (Some(exited), Some(healthy)) = (
+        at(|k| matches!(k, CardEventKind::Exited { .. })),
+        at(|k| *k == CardEventKind::Healthy),
+    ) {
+        // A figure for the report, not checked.
+        eprintln!(
+            "card killed -> healthy again: {:?}",
+            healthy.duration_since(exited).unwrap_or_default()
+        );
+    }
+    let after: Vec<CardEventKind> = after.into_iter().map(|e| e.kind).collect();
     ensure!(
         before
             .iter()
