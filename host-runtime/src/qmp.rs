@@ -175,7 +175,9 @@ impl QmpClient {
             command_timeout: timeout,
         };
         let deadline = Instant::now() + timeout;
-        match client.read_message(deadline, "the QMP greeting")? {
+        // QEMU greets one client at a time; a second one waits unanswered.
+        let greeting = "the QMP greeting (is another client connected?)";
+        match client.read_message(deadline, greeting)? {
             QmpMessage::Greeting { version } => client.version = version,
             other => {
                 return Err(client.protocol(format!("expected the greeting, got {other:?}")));
@@ -524,6 +526,20 @@ mod tests {
             qmp.execute("query-status", json!({})),
             Err(QmpError::Closed { .. } | QmpError::Io { .. })
         ));
+    }
+
+    #[test]
+    fn a_second_client_is_told_it_got_no_greeting() {
+        let Some((_child, _dir, sock)) = qemu() else {
+            return;
+        };
+        let _first = QmpClient::connect(&sock, Duration::from_secs(10)).unwrap();
+        match QmpClient::connect(&sock, Duration::from_millis(300)) {
+            Err(QmpError::Timeout { what, .. }) => {
+                assert!(what.contains("another client"), "{what}")
+            }
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]
