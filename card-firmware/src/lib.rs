@@ -6,6 +6,8 @@
 //!
 //! - [`agent`]: the card end of the management channel, the versioned
 //!   agent protocol (JSON lines) the control plane configures cards with;
+//! - [`boot`]: verified card images (signed manifests, sealed binaries) and
+//!   the measured-boot log of what was started;
 //! - [`media`]: volume media (a local file) and the io_uring operations on it;
 //! - [`ring`]: a per-queue io_uring whose completions wake an eventfd, so a
 //!   queue worker waits on its kicks and its completions in one place;
@@ -17,6 +19,7 @@
 //! - [`warn`]: rate-limited warnings, so a hostile guest cannot flood the log.
 
 pub mod agent;
+pub mod boot;
 pub mod inflight;
 pub mod media;
 pub mod metrics;

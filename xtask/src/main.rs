@@ -3,6 +3,7 @@
 mod demo;
 mod deps;
 mod fuzz;
+mod image;
 mod soak;
 
 use anyhow::{bail, Context, Result};
@@ -48,6 +49,11 @@ enum Cmd {
         /// One target (see `fuzz/Cargo.toml` or docs/SECURITY.md); all if
         /// omitted.
         target: Option<String>,
+    },
+    /// Signed card images for verified boot: keygen, build, verify.
+    Image {
+        #[command(subcommand)]
+        cmd: image::ImageCmd,
     },
     /// Kill -9 and restart the block card (release build) under a guest's
     /// verified writes, again and again; fails on any lost or duplicated
@@ -111,6 +117,7 @@ fn run(cmd: Cmd) -> Result<()> {
             seconds,
             target,
         } => fuzz::run(quick, seconds, target.as_deref()),
+        Cmd::Image { cmd } => image::run(cmd),
         Cmd::Soak {
             restarts,
             qemu7,
