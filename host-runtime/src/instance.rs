@@ -204,6 +204,16 @@ fn check_path(instance: &str, what: &str, path: &Path) -> Result<String, Instanc
     Ok(text.to_string())
 }
 
+/// `02:00:0a:00:01:0a`: six hex pairs, the multicast bit clear.
+fn is_unicast_mac(mac: &str) -> bool {
+    let pairs: Vec<&str> = mac.split(':').collect();
+    pairs.len() == 6
+        && pairs
+            .iter()
+            .all(|p| p.len() == 2 && p.chars().all(|c| c.is_ascii_hexdigit()))
+        && u8::from_str_radix(pairs[0], 16).is_ok_and(|b| b & 1 == 0)
+}
+
 /// A QEMU binary and the version it reports, which decides option
 /// spellings and what it supports.
 #[derive(Debug, Clone)]
@@ -382,6 +392,43 @@ impl Instance {
             check_id(&id, "device", vid)?;
             if !ids.insert(vid) {
                 return Err(invalid(format!("device id {vid} appears twice")));
+            }
+        }
+        for v in &spec.volumes {
+            check_path(&id, "volume socket", &v.socket)?;
+            if v.num_queues == 0 {
+                return Err(invalid(format!(
+                    "volume {}: num_queues must be at least 1",
+                    v.id
+                )));
+            }
+        }
+        for n in &spec.enis {
+            check_path(&id, "ENI socket", &n.socket)?;
+            if n.queues == 0 {
+                return Err(invalid(format!("ENI {}: queues must be at least 1", n.id)));
+            }
+            if !is_unicast_mac(&n.mac) {
+                return Err(invalid(format!(
+                    "ENI {}: MAC {:?} is not a unicast MAC (six hex pairs with ':')",
+                    n.id, n.mac
+                )));
+            }
+        }
+        for ns in &spec.namespaces {
+            check_path(&id, "NVMe socket", &ns.socket)?;
+        }
+        check_path(&id, "run_dir", &spec.run_dir)?;
+        // QEMU would wait for a volume's card forever, before its QMP
+        // socket even answers.
+        for v in &spec.volumes {
+            if let Err(e) = std::os::unix::net::UnixStream::connect(&v.socket) {
+                return Err(InstanceError::CardNotServing {
+                    instance: id.clone(),
+                    device: volume_device_id(&v.id),
+                    socket: v.socket.clone(),
+                    reason: e.to_string(),
+                });
             }
         }
         let vmm = VmmBinary::probe(&spec.vmm)
@@ -915,6 +962,15 @@ mod tests {
         }
         assert!(check_path("i-1", "socket", Path::new("/run/a,b.sock")).is_err());
         assert!(check_path("i-1", "socket", Path::new("/run/a.sock")).is_ok());
+        assert!(is_unicast_mac("02:00:0a:00:01:0a"));
+        for bad in [
+            "01:00:0a:00:01:0a",
+            "02:00:0a:00:01",
+            "02:00:0a:00:01:0g",
+            "02-00-0a-00-01-0a",
+        ] {
+            assert!(!is_unicast_mac(bad), "{bad}");
+        }
     }
 
     /// A VMM someone else started: the host's QEMU with no machine, so

@@ -307,8 +307,40 @@ fn guest_qemu7_bad_hot_plug_requests_change_nothing() -> Result<()> {
         id: "nvme0".into(),
         socket: dir.path().join("nvme.sock"),
     });
+    let run_dir = nvme.run_dir.clone();
     let err = Instance::launch(nvme).unwrap_err();
     ensure!(matches!(err, InstanceError::Unsupported { .. }), "{err}");
+    // A volume whose card is not running, an ENI with a multicast MAC:
+    // refused before anything is written or started.
+    let unserved = Volume::new(dir.path(), "vol-0fff")?;
+    let err = Instance::launch(spec(
+        Vmm::Qemu7,
+        dir.path(),
+        "",
+        vec![unserved.attachment()],
+    )?)
+    .unwrap_err();
+    ensure!(
+        matches!(&err, InstanceError::CardNotServing { device, .. } if device == "blk-vol-0fff"),
+        "{err}"
+    );
+    let mut bad_mac = spec(Vmm::Qemu7, dir.path(), "", vec![])?;
+    bad_mac.enis.push(NicAttachment {
+        id: "eni-0a1".into(),
+        socket: dir.path().join("eni.sock"),
+        mac: "01:00:5e:00:00:01".into(),
+        queues: 1,
+    });
+    let err = Instance::launch(bad_mac).unwrap_err();
+    ensure!(
+        matches!(&err, InstanceError::InvalidSpec { detail, .. } if detail.contains("MAC")),
+        "{err}"
+    );
+    ensure!(
+        !run_dir.exists(),
+        "a refused launch left {}",
+        run_dir.display()
+    );
 
     let mut spec = spec(Vmm::Qemu7, dir.path(), "echo HR-IDLE\nsleep 600", vec![])?;
     spec.hotplug_slots = 1;
