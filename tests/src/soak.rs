@@ -15,7 +15,7 @@
 //!
 //! The kernel's own complaints count too: a request completed twice makes
 //! virtio's ring code report "is not a head", an error status "I/O error".
-//! The card runs with the EBS latency model, so at every kill some requests
+//! The card runs with the EBS latency model and 5 ms more per request, so at every kill some requests
 //! are held in the card: the restarted card must resubmit them.
 
 use std::fmt;
@@ -31,17 +31,18 @@ use crate::{fio, target_dir, Guest, Vmm};
 
 const VOLUME_SIZE: u64 = 128 << 20;
 /// fio's area, from the start of the volume.
-const FIO_SIZE: &str = "8M";
+const FIO_SIZE: &str = "16M";
 /// The sequence writers' area, in 512-byte sectors (at 96 MiB).
 const SEQ_BASE_SECTOR: u64 = (96 << 20) / 512;
-const SEQ_WRITERS: u32 = 8;
-const SEQ_BLOCKS_PER_WRITER: u32 = 64;
+const SEQ_WRITERS: u32 = 4;
+const SEQ_BLOCKS_PER_WRITER: u32 = 128;
 /// The host writes this into the last sector to end the guest's loads.
 const STOP_MARK: &str = "CARDSIM-SOAK-STOP";
 /// Gaps between completions at least this long are reported by the guest.
 const GAP_REPORT_MS: u32 = 30;
-/// Writes each card serves before it is killed, so it dies under load.
-const WRITES_BEFORE_KILL: u64 = 300;
+/// Writes each card serves (with fio running) before it is killed, so it
+/// dies under load.
+const WRITES_BEFORE_KILL: u64 = 100;
 
 #[derive(Debug, Clone)]
 pub struct SoakConfig {
@@ -191,6 +192,7 @@ fio_loop() {{
   n=0
   while [ ! -e /tmp/stop ]; do
     n=$((n + 1))
+    echo "CARDSIM-FIO-RUN $n"
     fio --name=soak$n --filename=/dev/vda --size={FIO_SIZE} --rw=randwrite --bs=4k --iodepth=16 \
         --ioengine=libaio --direct=1 --verify=crc32c --verify_backlog=512 --verify_fatal=1 \
         --write_lat_log=/tmp/fio/lat$n --log_avg_msec=0 --output-format=json \
@@ -228,8 +230,13 @@ echo CARDSIM-SOAK-DONE
     )
 }
 
+/// Every read and write takes this long in the card: with the guest keeping 16 in
+/// flight, the card holds some of them at any instant (the EBS model's 0.5 ms
+/// median left it idle at some kills under TCG).
+const WRITE_LATENCY: &str = "kind=latency,fixed_ms=5";
+
 fn card_args(seed: u64) -> Vec<String> {
-    ["--latency-model", "ebs", "--seed"]
+    ["--latency-model", "ebs", "--fault", WRITE_LATENCY, "--seed"]
         .iter()
         .map(|s| s.to_string())
         .chain([seed.to_string()])
@@ -249,20 +256,26 @@ fn counter(card: &BlockCard, name: &str) -> Result<u64> {
         .with_context(|| format!("no {name} in the card's metrics: {metrics}"))
 }
 
-/// Waits until `card` has served `writes` writes: the guest's I/O runs on it.
-fn wait_for_writes(card: &BlockCard, writes: u64, timeout: Duration) -> Result<()> {
+/// fio's 4 KiB writes the card has served: the sequence writers write
+/// 512 bytes at a time, so the byte count tells the two loads apart.
+fn fio_writes(card: &BlockCard) -> Result<u64> {
+    let ops = counter(card, "write_ops")?;
+    let bytes = counter(card, "write_bytes")?;
+    Ok(bytes.saturating_sub(512 * ops) / (4096 - 512))
+}
+
+/// Waits until `card` has served `writes` of fio's writes: fio writes on it.
+fn wait_for_fio(card: &BlockCard, writes: u64, timeout: Duration) -> Result<()> {
     let deadline = Instant::now() + timeout;
     loop {
         // The agent may not answer yet right after a start.
-        if let Ok(served) = counter(card, "write_ops") {
-            if served >= writes {
-                return Ok(());
-            }
+        if fio_writes(card).is_ok_and(|served| served >= writes) {
+            return Ok(());
         }
         if Instant::now() > deadline {
-            bail!("the guest's writes did not reach the card ({writes} within {timeout:?})");
+            bail!("fio's writes did not reach the card ({writes} within {timeout:?})");
         }
-        std::thread::sleep(Duration::from_millis(20));
+        std::thread::sleep(Duration::from_millis(10));
     }
 }
 
@@ -287,10 +300,14 @@ pub fn run(config: &SoakConfig) -> Result<SoakReport> {
         restarts: config.restarts,
         ..SoakReport::default()
     };
+    // The first kill lands in fio's writes, not before they start; fio runs
+    // back to back after that.
+    guest.wait_for_line("CARDSIM-FIO-RUN", Duration::from_secs(60))?;
     for restart in 0..config.restarts {
-        wait_for_writes(&card, WRITES_BEFORE_KILL, Duration::from_secs(60))
+        let served = fio_writes(&card).unwrap_or(0);
+        wait_for_fio(&card, served + WRITES_BEFORE_KILL, Duration::from_secs(60))
             .with_context(|| format!("before restart {}", restart + 1))?;
-        std::thread::sleep(Duration::from_millis(rng.next() % 400));
+        std::thread::sleep(Duration::from_millis(rng.next() % 200));
         report.resubmitted += counter(&card, "resubmitted")?;
         // SIGKILL: no chance to finish anything, as in a crash.
         let killed = Instant::now();
@@ -310,7 +327,7 @@ pub fn run(config: &SoakConfig) -> Result<SoakReport> {
         }
         report.restart_times.push(killed.elapsed());
     }
-    wait_for_writes(&card, WRITES_BEFORE_KILL, Duration::from_secs(60))
+    wait_for_fio(&card, WRITES_BEFORE_KILL, Duration::from_secs(60))
         .context("after the last restart")?;
     report.resubmitted += counter(&card, "resubmitted")?;
 

@@ -124,6 +124,11 @@ impl VhostUserBackend for BlockDevice {
             self.volume.queue_size,
         )
         .map_err(refused_region)?;
+        tracing::info!(
+            queues = region.num_queues,
+            queue_size = region.queue_size,
+            "inflight region from the VMM"
+        );
         for (index, worker) in self.workers.iter().enumerate() {
             let queue = u16::try_from(index).ok().and_then(|i| mapped.queue(i));
             worker

@@ -290,6 +290,14 @@ impl QueueWorker {
             }
         };
         let recovery = inflight.recover(used_idx);
+        tracing::info!(
+            queue = self.index,
+            used_idx,
+            vmm_next_avail = queue.next_avail(),
+            next_avail = ?recovery.next_avail,
+            in_flight = recovery.resubmit.len(),
+            "queue started on an inflight region"
+        );
         if let Some(next_avail) = recovery.next_avail {
             queue.set_next_avail(next_avail);
         }
