@@ -5,6 +5,7 @@
 //! [`CardEvent`].
 
 use card_firmware::agent::{self, AgentClient};
+use card_firmware::boot::VerifiedImage;
 use crossbeam_channel::{Sender, TrySendError};
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
@@ -24,8 +25,8 @@ pub enum CardKind {
     Net,
 }
 
-/// Makes the [`Command`] that runs a card from something other than a plain
-/// binary (a verified card image).
+/// Makes the [`Command`] that runs a card some other way than a binary or
+/// an image does.
 pub trait CardLauncher: Send + Sync + std::fmt::Debug {
     fn command(&self) -> Result<Command, String>;
     /// For logs and status: what runs.
@@ -37,6 +38,12 @@ pub trait CardLauncher: Send + Sync + std::fmt::Debug {
 pub enum CardProgram {
     /// A binary on the host, e.g. from `target/release`.
     Binary(PathBuf),
+    /// A binary of a verified card image, run from the bytes that were
+    /// verified (`card_firmware::boot`).
+    Image {
+        image: Arc<VerifiedImage>,
+        binary: String,
+    },
     Launcher(Arc<dyn CardLauncher>),
 }
 
@@ -49,6 +56,9 @@ impl CardProgram {
                 }
                 Ok(Command::new(path))
             }
+            CardProgram::Image { image, binary } => {
+                image.command(binary).map_err(|e| e.to_string())
+            }
             CardProgram::Launcher(launcher) => launcher.command(),
         }
     }
@@ -56,6 +66,11 @@ impl CardProgram {
     pub fn describe(&self) -> String {
         match self {
             CardProgram::Binary(path) => path.display().to_string(),
+            CardProgram::Image { image, binary } => format!(
+                "{binary} of image {} (version {})",
+                image.dir.display(),
+                image.version()
+            ),
             CardProgram::Launcher(launcher) => launcher.describe(),
         }
     }
