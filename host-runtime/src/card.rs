@@ -296,9 +296,9 @@ impl Supervisor {
             program: card.spec.program.describe(),
             reason,
         })?;
-        cards.insert(name.clone(), card);
-        drop(cards);
+        // Under the lock: the watcher's events for this card come after.
         self.shared.emit(&name, CardEventKind::Started { pid });
+        cards.insert(name, card);
         Ok(pid)
     }
 
@@ -319,7 +319,8 @@ impl Supervisor {
         if let Some(child) = child {
             terminate(child, self.shared.config.stop_grace);
         }
-        if let Some(card) = self.shared.lock().get_mut(name) {
+        let mut cards = self.shared.lock();
+        if let Some(card) = cards.get_mut(name) {
             card.phase = Phase::Stopped;
             card.healthy_since = None;
         }
@@ -343,7 +344,10 @@ impl Supervisor {
             let previous = program.map(|p| std::mem::replace(&mut card.spec.program, p));
             card.backoff = self.shared.config.backoff_initial;
             match spawn(card) {
-                Ok(pid) => pid,
+                Ok(pid) => {
+                    self.shared.emit(name, CardEventKind::Started { pid });
+                    pid
+                }
                 Err(reason) => {
                     let program = card.spec.program.describe();
                     // A bad new program leaves the card as it was: stopped, on
@@ -359,7 +363,6 @@ impl Supervisor {
                 }
             }
         };
-        self.shared.emit(name, CardEventKind::Started { pid });
         self.wait_healthy(name, self.shared.config.start_timeout)?;
         Ok(pid)
     }
