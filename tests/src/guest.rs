@@ -1,10 +1,8 @@
 //! A guest under QEMU: build its command line, boot it, follow its serial
 //! console, wait for it to power off.
 
-use crate::cpio::CpioWriter;
 use crate::{tail, Vmm};
 use anyhow::{bail, Context, Result};
-use std::fs;
 use std::io::{BufRead, BufReader, Read};
 use std::path::Path;
 use std::process::{Child, Stdio};
@@ -217,19 +215,11 @@ impl GuestBuilder {
     }
 }
 
-/// The base image followed by a second newc archive with the script: the
-/// kernel unpacks concatenated archives in order.
+/// The base image followed by a second newc archive with the script, as
+/// host-runtime writes an instance's.
 fn write_initramfs(base: &Path, script: Option<&str>, dest: &Path) -> Result<()> {
-    fs::copy(base, dest).with_context(|| format!("copying {}", base.display()))?;
-    if let Some(script) = script {
-        let file = fs::OpenOptions::new().append(true).open(dest)?;
-        let mut w = CpioWriter::new(std::io::BufWriter::new(file));
-        w.dir("cardsim", 0o755)?;
-        w.file("cardsim/script.sh", 0o755, script.as_bytes())?;
-        use std::io::Write as _;
-        w.finish()?.flush()?;
-    }
-    Ok(())
+    host_runtime::instance::write_initramfs(base, script, dest)
+        .with_context(|| format!("writing {} from {}", dest.display(), base.display()))
 }
 
 /// A running guest. Dropping it kills QEMU.
