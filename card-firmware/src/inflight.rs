@@ -69,6 +69,8 @@ pub enum InflightError {
     Unaligned(u64),
     #[error("inflight file holds {file} bytes, the region ends at {end}")]
     FileTooShort { file: u64, end: u64 },
+    #[error("inflight file is not sealed against shrinking (not the card's memfd)")]
+    NotSealed,
     #[error("inflight region: {what}: {source}")]
     Os {
         what: &'static str,
@@ -125,13 +127,25 @@ pub fn create_region(
 ) -> Result<(File, u64), InflightError> {
     let size = checked_shape(num_queues, queue_size, max_queues, max_queue_size)?;
     // SAFETY: a NUL-terminated name and plain flags; the result is checked.
-    let fd = unsafe { libc::memfd_create(c"cardsim-inflight".as_ptr(), libc::MFD_CLOEXEC) };
+    let fd = unsafe {
+        libc::memfd_create(
+            c"cardsim-inflight".as_ptr(),
+            libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING,
+        )
+    };
     if fd < 0 {
         return Err(os("memfd_create")(std::io::Error::last_os_error()));
     }
     // SAFETY: fd is a new descriptor that nothing else owns.
     let file = unsafe { File::from_raw_fd(fd) };
     file.set_len(size).map_err(os("ftruncate"))?;
+    // Sealed: whoever holds it can never shrink it under the card's mapping
+    // (an access past the end would kill the card with SIGBUS).
+    let seals = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL;
+    // SAFETY: fcntl on a descriptor we own, integer argument.
+    if unsafe { libc::fcntl(file.as_raw_fd(), libc::F_ADD_SEALS, seals) } < 0 {
+        return Err(os("F_ADD_SEALS")(std::io::Error::last_os_error()));
+    }
     Ok((file, size))
 }
 
@@ -172,6 +186,12 @@ impl InflightRegion {
         let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(4096) as u64;
         if mmap_offset % page != 0 {
             return Err(InflightError::Unaligned(mmap_offset));
+        }
+        // Only a file that cannot shrink under the mapping: the card's own memfd.
+        // SAFETY: fcntl on a descriptor the caller owns, no pointer argument.
+        let seals = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GET_SEALS) };
+        if seals < 0 || seals & libc::F_SEAL_SHRINK == 0 {
+            return Err(InflightError::NotSealed);
         }
         // lseek, not fstat: one system call the jailed card already needs.
         let file_len = (&*file).seek(SeekFrom::End(0)).map_err(os("lseek"))?;
@@ -635,6 +655,15 @@ mod tests {
             Err(InflightError::FileTooShort { .. })
         ));
         assert!(map(size, 0, 2, QS).is_ok());
+        // A file the VMM could shrink under the mapping.
+        let plain = tempfile::tempfile().unwrap();
+        plain.set_len(size).unwrap();
+        assert!(matches!(
+            InflightRegion::map(&plain, size, 0, 2, QS, 4, 1024),
+            Err(InflightError::NotSealed)
+        ));
+        // The card's memfd cannot shrink.
+        assert!(file.set_len(0).is_err());
         assert!(matches!(
             create_region(1, 0, 4, 1024),
             Err(InflightError::QueueSize { .. })
