@@ -27,8 +27,9 @@ use card_firmware::warn::WarnLimiter;
 use card_firmware::warn_limited;
 use serde_json::{json, Value};
 use vhost_user_backend::VringT;
+use virtio_bindings::virtio_ring::VRING_AVAIL_F_NO_INTERRUPT;
 use virtio_queue::QueueT;
-use vm_memory::{GuestAddressSpace, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryMmap};
 use vpc::config::{EniConfig, VpcConfig};
 use vpc::switch::{Egress, PortId, Switch, Verdict};
 use vpc::vnet::VnetHeader;
@@ -77,6 +78,10 @@ struct Backlog {
     frames: VecDeque<(VnetHeader, Vec<u8>)>,
     bytes: usize,
     free: Vec<Vec<u8>>,
+    /// The guest's avail index when the card last asked it to kick (see
+    /// [`rearm`]): while the backlog is full and the index has not moved,
+    /// nothing can go and a new frame is dropped at once.
+    armed_at: Option<u16>,
 }
 
 /// Frames and bytes a queue pair's backlog holds at most.
@@ -89,6 +94,7 @@ impl Backlog {
             frames: VecDeque::with_capacity(BACKLOG_FRAMES),
             bytes: 0,
             free: Vec::new(),
+            armed_at: None,
         }
     }
 
@@ -120,6 +126,7 @@ impl Backlog {
         while !self.frames.is_empty() {
             self.pop();
         }
+        self.armed_at = None;
     }
 }
 
@@ -199,7 +206,7 @@ impl RxSide {
             scratch,
             counters,
         );
-        if delivered && state.needs_notification().unwrap_or(true) {
+        if delivered && wants_signal(&mut state, &memory) {
             let _ = state.signal_used_queue();
         }
     }
@@ -663,6 +670,20 @@ fn deliver_one(
         let memory = rx.memory.memory();
         let mut backlog = rx.backlogs[pair].lock().unwrap_or_else(|p| p.into_inner());
         let counters = &dst.counters;
+        // A full backlog for a guest that has added no buffer since it was
+        // asked to kick: the frame has nowhere to go (as a full NIC FIFO);
+        // drop it without touching the rings again.
+        if backlog.frames.len() >= BACKLOG_FRAMES
+            && backlog.armed_at.is_some_and(|at| {
+                state
+                    .get_queue()
+                    .avail_idx(&*memory, Ordering::Acquire)
+                    .is_ok_and(|now| now.0 == at)
+            })
+        {
+            counters.chain_error(ChainError::NoRxBuffers);
+            return;
+        }
         // Frames already waiting go first.
         let mut delivered = drain(
             &mut state,
@@ -716,11 +737,35 @@ fn deliver_one(
         drop(backlog);
         drop(state);
         if delivered {
-            out.mark(dst.id, pair, &vring);
+            out.mark(dst.id, pair, &vring, &rx.memory);
         }
         return;
     }
     add(&dst.counters.rx_dropped_port_down, 1);
+}
+
+/// Whether the driver wants to hear (an eventfd write, an interrupt in the
+/// guest) that the card added used entries to this queue. With EVENT_IDX
+/// its `used_event` says (virtio-queue's `needs_notification`); without, its
+/// VIRTQ_AVAIL_F_NO_INTERRUPT flag does, which virtio-queue 0.18 ignores
+/// ("isn't supported yet") — and a polling driver such as DPDK's virtio PMD
+/// sets it and does not negotiate EVENT_IDX: it would get a system call per
+/// batch per queue for nothing.
+pub fn wants_signal(
+    state: &mut vhost_user_backend::VringState<GuestMemory>,
+    memory: &GuestMemoryMmap,
+) -> bool {
+    let queue = state.get_queue();
+    if queue.event_idx_enabled() {
+        return state.needs_notification().unwrap_or(true);
+    }
+    let flags = GuestAddress(queue.avail_ring());
+    // The used entries are written before the flag is read (virtio 1.x
+    // §2.7.7.2: the device reads the flag after updating the used index).
+    std::sync::atomic::fence(Ordering::SeqCst);
+    memory
+        .load::<u16>(flags, Ordering::Acquire)
+        .map_or(true, |f| f & VRING_AVAIL_F_NO_INTERRUPT as u16 == 0)
 }
 
 /// Delivers backlogged frames while the guest has buffers. Returns whether
@@ -769,11 +814,13 @@ fn drain(
 fn rearm(
     state: &mut vhost_user_backend::VringState<GuestMemory>,
     memory: &GuestMemoryMmap,
+    backlog: &mut Backlog,
 ) -> bool {
     let queue = state.get_queue_mut();
     let Ok(avail) = queue.avail_idx(memory, Ordering::Acquire) else {
         return false;
     };
+    backlog.armed_at = Some(avail.0);
     let next = queue.next_avail();
     queue.set_next_avail(avail.0);
     // Writes avail_event = avail (or clears NO_NOTIFY without EVENT_IDX),
@@ -797,7 +844,7 @@ fn rearm_and_drain(
 ) -> bool {
     let mut delivered = false;
     for _ in 0..4 {
-        if backlog.frames.is_empty() || !rearm(state, memory) {
+        if backlog.frames.is_empty() || !rearm(state, memory, backlog) {
             break;
         }
         delivered |= drain(state, memory, backlog, negotiated, scratch, counters);
@@ -919,7 +966,7 @@ impl<'a> Input<'a> {
 pub struct Forwarder {
     rx: RxScratch,
     /// (port, pair, vring) of each RX queue touched in this batch.
-    dirty: Vec<(PortId, usize, Vring)>,
+    dirty: Vec<(PortId, usize, Vring, GuestMemory)>,
     pub vxlan: Option<VxlanSender>,
     pub uplink: Option<UplinkSender>,
 }
@@ -934,21 +981,21 @@ impl Forwarder {
         self.rx.copies
     }
 
-    fn mark(&mut self, port: PortId, pair: usize, vring: &Vring) {
+    fn mark(&mut self, port: PortId, pair: usize, vring: &Vring, memory: &GuestMemory) {
         if !self.dirty.iter().any(|d| d.0 == port && d.1 == pair) {
-            self.dirty.push((port, pair, vring.clone()));
+            self.dirty.push((port, pair, vring.clone(), memory.clone()));
         }
     }
 
     /// Ends a batch: signals each guest whose RX queue got frames (if
     /// EVENT_IDX says it wants to know), sends the VXLAN datagrams queued.
     pub fn flush(&mut self) {
-        for (_, _, vring) in self.dirty.drain(..) {
+        for (_, _, vring, memory) in self.dirty.drain(..) {
             let mut state = vring.get_mut();
             if !state.get_queue().ready() {
                 continue;
             }
-            let needs = state.needs_notification().unwrap_or(true);
+            let needs = wants_signal(&mut state, &memory.memory());
             if needs {
                 let _ = state.signal_used_queue();
             }
@@ -965,6 +1012,42 @@ impl Forwarder {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A polling driver without EVENT_IDX (DPDK's virtio PMD) sets
+    /// VIRTQ_AVAIL_F_NO_INTERRUPT: it gets no signal. Without the flag, or
+    /// with EVENT_IDX (its used_event decides), the rules are as before.
+    #[test]
+    fn a_driver_that_asks_for_no_interrupts_is_not_signalled() {
+        use vm_memory::GuestMemoryAtomic;
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
+        let memory = GuestMemoryAtomic::new(mem);
+        let vring = Vring::new(memory.clone(), 64).unwrap();
+        let guard = memory.memory();
+        let mock = virtio_queue::mock::MockSplitQueue::create(&*guard, GuestAddress(0), 64);
+        let avail = mock.avail_addr();
+        vring.set_queue_size(64);
+        vring
+            .set_queue_info(mock.desc_table_addr().0, avail.0, mock.used_addr().0)
+            .unwrap();
+        vring.set_queue_ready(true);
+        let mut state = vring.get_mut();
+        assert!(wants_signal(&mut state, &guard));
+        guard
+            .write_obj(VRING_AVAIL_F_NO_INTERRUPT as u16, avail)
+            .unwrap();
+        assert!(!wants_signal(&mut state, &guard), "NO_INTERRUPT honoured");
+        guard.write_obj(0u16, avail).unwrap();
+        assert!(wants_signal(&mut state, &guard));
+        // With EVENT_IDX the flag means nothing: used_event (0, and no used
+        // entry added since) says no.
+        state.get_queue_mut().set_event_idx(true);
+        guard
+            .write_obj(VRING_AVAIL_F_NO_INTERRUPT as u16, avail)
+            .unwrap();
+        let _ = state.get_queue_mut().add_used(&*guard, 0, 0);
+        assert!(wants_signal(&mut state, &guard), "used_event 0 crossed");
+        assert!(!wants_signal(&mut state, &guard), "nothing new");
+    }
 
     #[test]
     fn the_backlog_is_bounded_in_frames_and_bytes_and_reuses_buffers() {
