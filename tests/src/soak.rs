@@ -50,7 +50,13 @@ pub struct SoakConfig {
     pub restarts: u32,
     /// Seeds the kill times and the card's latency model.
     pub seed: u64,
+    /// Restart more (up to [`EXTRA_RESTARTS`]) until a kill has left requests
+    /// in the card: a guest slowed by TCG sometimes has none there.
+    pub until_resubmitted: bool,
 }
+
+/// The most restarts added by [`SoakConfig::until_resubmitted`].
+pub const EXTRA_RESTARTS: u32 = 5;
 
 #[derive(Debug, Clone, Default)]
 pub struct SoakReport {
@@ -306,17 +312,25 @@ pub fn run(config: &SoakConfig) -> Result<SoakReport> {
     guest.wait_for_line("CARDSIM-SOAK-RUNNING", Duration::from_secs(120))?;
 
     let mut rng = XorShift(config.seed | 1);
-    let mut report = SoakReport {
-        restarts: config.restarts,
-        ..SoakReport::default()
-    };
+    let mut report = SoakReport::default();
     // The first kill lands in fio's writes, not before they start; fio runs
     // back to back after that.
     guest.wait_for_line("CARDSIM-FIO-RUN", Duration::from_secs(60))?;
-    for restart in 0..config.restarts {
+    let mut restart = 0u32;
+    loop {
+        // Each card, the restarted ones too, serves fio before anything else.
         let served = fio_writes(&card).unwrap_or(0);
         wait_for_fio(&card, served + WRITES_BEFORE_KILL, Duration::from_secs(60))
-            .with_context(|| format!("before restart {}", restart + 1))?;
+            .with_context(|| format!("after {restart} restarts"))?;
+        let resubmitted = report.resubmitted + counter(&card, "resubmitted")?;
+        let done = restart >= config.restarts
+            && (!config.until_resubmitted
+                || resubmitted > 0
+                || restart >= config.restarts + EXTRA_RESTARTS);
+        if done {
+            report.resubmitted = resubmitted;
+            break;
+        }
         std::thread::sleep(Duration::from_millis(rng.next() % 200));
         report.resubmitted += counter(&card, "resubmitted")?;
         // SIGKILL: no chance to finish anything, as in a crash.
@@ -336,10 +350,9 @@ pub fn run(config: &SoakConfig) -> Result<SoakReport> {
             std::thread::sleep(Duration::from_millis(1));
         }
         report.restart_times.push(killed.elapsed());
+        restart += 1;
     }
-    wait_for_fio(&card, WRITES_BEFORE_KILL, Duration::from_secs(60))
-        .context("after the last restart")?;
-    report.resubmitted += counter(&card, "resubmitted")?;
+    report.restarts = restart;
 
     let mut mark = [b' '; 512];
     mark[..STOP_MARK.len()].copy_from_slice(STOP_MARK.as_bytes());

@@ -20,6 +20,7 @@ pub fn run(restarts: u32, qemu7: bool, seed: u64) -> Result<()> {
         vmm,
         restarts,
         seed,
+        until_resubmitted: false,
     })?;
     println!("{report}");
     let problems = report.problems();
