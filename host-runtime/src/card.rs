@@ -5,7 +5,7 @@
 //! [`CardEvent`].
 
 use card_firmware::agent::{self, AgentClient};
-use card_firmware::boot::VerifiedImage;
+use card_firmware::boot::{BootRecord, MeasuredBootLog, VerifiedImage};
 use crossbeam_channel::{Sender, TrySendError};
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
@@ -181,6 +181,9 @@ pub struct SupervisorConfig {
     pub unhealthy_limit: u32,
     /// From SIGTERM to SIGKILL when stopping a card.
     pub stop_grace: Duration,
+    /// Where every start of a card from a verified image is recorded
+    /// (before it runs); a start that cannot be recorded does not happen.
+    pub boot_log: Option<MeasuredBootLog>,
 }
 
 impl Default for SupervisorConfig {
@@ -194,6 +197,7 @@ impl Default for SupervisorConfig {
             start_timeout: Duration::from_secs(15),
             unhealthy_limit: 3,
             stop_grace: Duration::from_secs(5),
+            boot_log: None,
         }
     }
 }
@@ -291,10 +295,12 @@ impl Supervisor {
             restarts: 0,
             last_failure: None,
         };
-        let pid = spawn(&mut card).map_err(|reason| CardError::StartFailed {
-            name: name.clone(),
-            program: card.spec.program.describe(),
-            reason,
+        let pid = spawn(&mut card, self.shared.config.boot_log.as_ref()).map_err(|reason| {
+            CardError::StartFailed {
+                name: name.clone(),
+                program: card.spec.program.describe(),
+                reason,
+            }
         })?;
         // Under the lock: the watcher's events for this card come after.
         self.shared.emit(&name, CardEventKind::Started { pid });
@@ -343,7 +349,7 @@ impl Supervisor {
             }
             let previous = program.map(|p| std::mem::replace(&mut card.spec.program, p));
             card.backoff = self.shared.config.backoff_initial;
-            match spawn(card) {
+            match spawn(card, self.shared.config.boot_log.as_ref()) {
                 Ok(pid) => {
                     self.shared.emit(name, CardEventKind::Started { pid });
                     pid
@@ -469,10 +475,24 @@ fn check_name(name: &str) -> Result<(), CardError> {
     }
 }
 
-/// Starts the card's process, its output appended to its log.
-fn spawn(card: &mut Card) -> Result<u32, String> {
+/// Starts the card's process, its output appended to its log; a card from
+/// a verified image is measured into `boot_log` first.
+fn spawn(card: &mut Card, boot_log: Option<&MeasuredBootLog>) -> Result<u32, String> {
     let spec = &card.spec;
     let mut cmd = spec.program.command()?;
+    if let (Some(log), CardProgram::Image { image, binary }) = (boot_log, &spec.program) {
+        // command() succeeded, so the image lists the binary.
+        let sha256 = image
+            .sha256(binary)
+            .ok_or_else(|| format!("image {} has no binary {binary}", image.dir.display()))?;
+        log.append(&BootRecord {
+            card: &spec.name,
+            binary,
+            image_version: image.version(),
+            sha256,
+        })
+        .map_err(|e| format!("measuring the start into the boot log: {e}"))?;
+    }
     if let Some(dir) = spec.log.parent() {
         fs::create_dir_all(dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
     }
@@ -666,7 +686,7 @@ fn step(
         }
         Phase::Backoff { until } if now >= until => {
             card.restarts += 1;
-            match spawn(card) {
+            match spawn(card, config.boot_log.as_ref()) {
                 Ok(pid) => emit(CardEventKind::Started { pid }),
                 Err(reason) => {
                     card.last_failure = Some(reason.clone());
@@ -753,6 +773,7 @@ mod tests {
             start_timeout: Duration::from_secs(5),
             unhealthy_limit: 3,
             stop_grace: Duration::from_secs(2),
+            boot_log: None,
         }
     }
 

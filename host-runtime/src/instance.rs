@@ -519,7 +519,13 @@ impl Instance {
             let socket = check_path(&id, "ENI socket", &n.socket)?;
             let mq = if n.queues > 1 { ",mq=on" } else { "" };
             cmd.arg("-chardev")
-                .arg(format!("socket,id=chr-{},path={socket}", n.id))
+                // Reconnecting, as a volume's: the networking card can be
+                // restarted (or updated) under the guest.
+                .arg(format!(
+                    "socket,id=chr-{},path={socket},{}",
+                    n.id,
+                    vmm.reconnect_option()
+                ))
                 .arg("-netdev")
                 .arg(format!(
                     "vhost-user,id=netdev-{0},chardev=chr-{0},queues={1}",
