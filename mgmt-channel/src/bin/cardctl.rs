@@ -318,6 +318,18 @@ const INSTANCE: &[&str] = &[
     "pid",
     "console_log",
 ];
+/// `instance list`: the console log's path is for `describe`.
+const INSTANCE_ROW: &[&str] = &[
+    "id",
+    "origin",
+    "state",
+    "vcpus",
+    "memory_mib",
+    "volumes",
+    "enis",
+    "namespaces",
+    "pid",
+];
 const EVENT: &[&str] = &["seq", "time", "resource", "kind", "message"];
 const CARD: &[&str] = &["name", "kind", "phase", "pid", "restarts", "last_failure"];
 
@@ -571,7 +583,7 @@ fn run(cli: &Cli, client: &Client) -> anyhow::Result<ExitCode> {
                 )?,
                 Show::One(INSTANCE),
             ),
-            InstanceCmd::List => (client.get("/v1/instances")?, Show::Many(INSTANCE)),
+            InstanceCmd::List => (client.get("/v1/instances")?, Show::Many(INSTANCE_ROW)),
             InstanceCmd::Describe { id } => (
                 client.get(&format!("/v1/instances/{id}"))?,
                 Show::One(INSTANCE),
