@@ -145,6 +145,13 @@ pub fn run_demo() -> Result<()> {
     }
     // SAFETY: kill(2) on our own child, not yet reaped.
     unsafe { libc::kill(daemon.0.id() as i32, libc::SIGTERM) };
+    // The daemon stops its cards on SIGTERM; killing it first would leave
+    // them running.
+    let mut daemon = daemon;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while matches!(daemon.0.try_wait(), Ok(None)) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
     drop(daemon);
     result
 }
