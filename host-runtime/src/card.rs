@@ -860,6 +860,83 @@ mod tests {
         assert!(matches!(err, Err(CardError::NotHealthy { .. })), "{err:?}");
     }
 
+    /// An image holding a copy of /bin/sh as its one binary, `card`.
+    fn sh_image(dir: &Path, version: &str) -> Arc<VerifiedImage> {
+        use card_firmware::boot;
+        let bin = boot::create_bin_dir(dir).unwrap();
+        fs::copy("/bin/sh", bin.join("card")).unwrap();
+        let key = boot::generate_signing_key().unwrap();
+        boot::sign_image(dir, &key, version).unwrap();
+        let trusted = boot::TrustedKeys::from_keys(vec![key.verifying_key()]);
+        Arc::new(boot::verify_image(dir, &trusted).unwrap())
+    }
+
+    #[test]
+    fn starts_from_an_image_are_measured_and_an_unmeasurable_one_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = MeasuredBootLog::new(&dir.path().join("boot.log"));
+        let (tx, _events) = crossbeam_channel::unbounded();
+        let config = SupervisorConfig {
+            boot_log: Some(log.clone()),
+            start_timeout: Duration::from_millis(500),
+            ..fast()
+        };
+        let sup = Supervisor::with_config(tx, config);
+        let (v1, v2) = (
+            sh_image(&dir.path().join("v1"), "1.0"),
+            sh_image(&dir.path().join("v2"), "2.0"),
+        );
+        let image = |image: &Arc<VerifiedImage>| CardProgram::Image {
+            image: image.clone(),
+            binary: "card".into(),
+        };
+        let spec = CardSpec {
+            name: "blk-measured".into(),
+            kind: CardKind::Block,
+            program: image(&v1),
+            args: vec!["-c".into(), "sleep 60".into()],
+            agent_socket: dir.path().join("none.sock"),
+            log: dir.path().join("card.log"),
+        };
+        sup.start(spec.clone()).unwrap();
+        // Not healthy (no agent), but started: restart() says so after the
+        // start, which is measured all the same.
+        let _ = sup.restart("blk-measured", Some(image(&v2)));
+        let entries = log.verify().unwrap();
+        let got: Vec<(&str, &str, &str)> = entries
+            .iter()
+            .map(|e| (e.card.as_str(), e.binary.as_str(), e.image_version.as_str()))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("blk-measured", "card", "1.0"),
+                ("blk-measured", "card", "2.0")
+            ]
+        );
+        assert_eq!(entries[1].sha256, v2.sha256("card").unwrap());
+        // A binary is not measured: there is no verified digest to record.
+        sup.restart("blk-measured", Some(CardProgram::Binary("/bin/sh".into())))
+            .unwrap_err();
+        assert_eq!(log.verify().unwrap().len(), 2);
+        sup.stop("blk-measured").unwrap();
+
+        // A log that was edited cannot be extended: the start is refused.
+        let text = fs::read_to_string(log.path()).unwrap();
+        fs::write(log.path(), text.replacen("\"1.0\"", "\"1.1\"", 1)).unwrap();
+        let err = sup
+            .start(CardSpec {
+                name: "blk-other".into(),
+                ..spec
+            })
+            .unwrap_err();
+        assert!(
+            matches!(&err, CardError::StartFailed { reason, .. } if reason.contains("boot log")),
+            "{err}"
+        );
+        assert_eq!(sup.list().len(), 1, "{:?}", sup.list());
+    }
+
     #[test]
     fn bad_requests_are_refused() {
         let dir = tempfile::tempdir().unwrap();

@@ -347,13 +347,14 @@ until ping -c 1 -W 1 {IP_B} > /dev/null 2>&1; do
     [ $n -lt 60 ] || {{ echo "FW: no answer from {IP_B}"; exit 1; }}
 done
 {fio}echo {LOAD_STARTED}
-iperf_json load -c {IP_B} -t 15 -i 1
+iperf_json load -c {IP_B} -t 12 -i 1
 {FIO_WAIT}
-ping -c 3 {IP_B}
+ping -c 1 -W 2 {IP_B}
 echo FW-ALL-OK
 "#,
         fio = fio_in_background(16),
     );
+    let booting = Instant::now();
     let mut b = host.instance(
         "i-0b0000000000000b",
         1,
@@ -370,6 +371,8 @@ echo FW-ALL-OK
     )?;
     wait_console(&mut b, "FW-SERVER-READY", Duration::from_secs(60))?;
     wait_console(&mut a, LOAD_STARTED, Duration::from_secs(60))?;
+    let load_started = Instant::now();
+    eprintln!("guests booted, load started after {:?}", booting.elapsed());
     std::thread::sleep(Duration::from_secs(2));
     ensure!(
         !console(&a).contains("FIO-RC="),
@@ -418,8 +421,9 @@ echo FW-ALL-OK
     wait_console(
         &mut a,
         &format!("{EXIT_MARKER} rc="),
-        Duration::from_secs(90),
+        Duration::from_secs(60),
     )?;
+    eprintln!("load ran {:?}", load_started.elapsed());
     let text = console(&a);
     ensure!(
         text.contains(&format!("{EXIT_MARKER} rc=0")) && text.contains("FW-ALL-OK"),
