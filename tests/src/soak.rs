@@ -82,6 +82,8 @@ pub struct SoakReport {
     pub resubmitted: u64,
     /// Gaps between two completions seen by fio, longest first.
     pub pauses: Vec<Duration>,
+    /// Card starts that ended at once and were made again.
+    pub card_start_retries: u32,
     /// From kill to the new card answering on its agent socket, per restart.
     pub restart_times: Vec<Duration>,
 }
@@ -97,6 +99,13 @@ impl SoakReport {
     pub fn median_restart_pause(&self) -> Option<Duration> {
         let n = (self.restarts as usize).min(self.pauses.len());
         (n > 0).then(|| self.pauses[n / 2])
+    }
+
+    /// A percentile of the restarts' pauses (the `restarts` longest gaps).
+    pub fn restart_pause_percentile(&self, percent: usize) -> Option<Duration> {
+        let n = (self.restarts as usize).min(self.pauses.len());
+        // Longest first: the p-th percentile is (100 - p)% from the top.
+        (n > 0).then(|| self.pauses[(n * (100 - percent.min(100)) / 100).min(n - 1)])
     }
 
     /// Everything the guest must not have seen.
@@ -144,15 +153,24 @@ impl fmt::Display for SoakReport {
         writeln!(f, "resubmitted         {} requests", self.resubmitted)?;
         writeln!(
             f,
-            "card restart        median {}, max {} (kill to answering)",
+            "card restart        median {}, max {} (kill to answering), {} starts retried",
             ms(restart.get(restart.len() / 2).copied()),
-            ms(restart.last().copied())
+            ms(restart.last().copied()),
+            self.card_start_retries
         )?;
         write!(
             f,
-            "guest I/O pause     median restart {}, longest {}",
+            "guest I/O pause     median restart {}, 90th percentile {}, longest {} (then {})",
             ms(self.median_restart_pause()),
-            ms(self.longest_pause())
+            ms(self.restart_pause_percentile(90)),
+            ms(self.longest_pause()),
+            self.pauses
+                .iter()
+                .skip(1)
+                .take(4)
+                .map(|d| format!("{} ms", d.as_millis()))
+                .collect::<Vec<_>>()
+                .join(", ")
         )
     }
 }
@@ -295,6 +313,40 @@ fn wait_for_fio(card: &BlockCard, writes: u64, timeout: Duration) -> Result<()> 
     }
 }
 
+/// Starts the card again after a kill, as a supervisor would: a card that
+/// exits at once is started again. (The killed card's io_uring can keep the
+/// volume's file, and so its lock, for a moment after the process is gone;
+/// the new card then refuses the volume.)
+fn restart_card(
+    dir: &Path,
+    backing: &Path,
+    seed: u64,
+    killed: Instant,
+    retries: &mut u32,
+) -> Result<BlockCard> {
+    let give_up = Duration::from_secs(10);
+    loop {
+        // The socket files outlive the killed card: an answer on the agent
+        // socket, not the socket file, says the new card is up.
+        if let Ok(mut card) = start_card(dir, backing, seed) {
+            loop {
+                if card.metrics().is_ok() {
+                    return Ok(card);
+                }
+                if card.process.0.try_wait()?.is_some() || killed.elapsed() > give_up {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
+        if killed.elapsed() > give_up {
+            bail!("the restarted card does not answer within {give_up:?}");
+        }
+        *retries += 1;
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
 /// Boots a guest, kills and restarts its block card `restarts` times under
 /// load, and reports what the guest saw.
 pub fn run(config: &SoakConfig) -> Result<SoakReport> {
@@ -337,18 +389,13 @@ pub fn run(config: &SoakConfig) -> Result<SoakReport> {
         let killed = Instant::now();
         card.process.0.kill()?;
         card.process.0.wait()?;
-        card = start_card(
+        card = restart_card(
             dir.path(),
             &backing,
             config.seed.wrapping_add(u64::from(restart)),
+            killed,
+            &mut report.card_start_retries,
         )?;
-        // The socket files outlive the killed card: wait for an answer.
-        while card.metrics().is_err() {
-            if killed.elapsed() > Duration::from_secs(10) {
-                bail!("the restarted card does not answer");
-            }
-            std::thread::sleep(Duration::from_millis(1));
-        }
         report.restart_times.push(killed.elapsed());
         restart += 1;
     }

@@ -304,11 +304,6 @@ impl QueueWorker {
         if recovery.resubmit.is_empty() {
             return;
         }
-        tracing::info!(
-            queue = self.index,
-            requests = recovery.resubmit.len(),
-            "resubmitting requests left in flight by the previous card"
-        );
         QueueMetrics::count(&self.metrics().resubmitted, recovery.resubmit.len() as u64);
         let mut chains = match ResubmittedChains::new(
             memory,
