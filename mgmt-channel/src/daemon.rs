@@ -112,6 +112,7 @@ impl Daemon {
     /// supervisor's backoff; the daemon serves regardless.
     fn reconcile(&self) {
         let _ops = lock(&self.ops);
+        self.end_orphaned_cards();
         let run = || -> Result<(), ApiError> {
             for volume in self.store().list::<Volume>(Kind::Volume)? {
                 if let Err(e) = self.start_blk_card(&volume) {
@@ -150,6 +151,71 @@ impl Daemon {
         };
         if let Err(e) = run() {
             tracing::error!(error = %e, "reconciling");
+        }
+    }
+
+    /// Ends the cards a daemon that died without stopping them (SIGKILL)
+    /// left running: each card's pid is kept in `run/<card>.pid`, and a
+    /// process is ended only if its command line still names that card's
+    /// agent socket (the pid may have been reused).
+    fn end_orphaned_cards(&self) {
+        let Ok(entries) = std::fs::read_dir(self.config.state_dir.join("run")) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            if path.extension().and_then(|e| e.to_str()) != Some("pid") {
+                continue;
+            }
+            let card = path
+                .file_stem()
+                .and_then(|s| s.to_str())
+                .unwrap_or_default()
+                .to_string();
+            let pid: Option<i32> = std::fs::read_to_string(&path)
+                .ok()
+                .and_then(|t| t.trim().parse().ok())
+                .filter(|p| *p > 1);
+            let _ = std::fs::remove_file(&path);
+            let Some(pid) = pid else { continue };
+            let agent = self.agent_socket(&card).display().to_string();
+            let names_card = std::fs::read(format!("/proc/{pid}/cmdline"))
+                .map(|c| c.split(|b| *b == 0).any(|arg| arg == agent.as_bytes()))
+                .unwrap_or(false);
+            if !names_card {
+                continue;
+            }
+            // SAFETY: kill(2) on a pid whose command line names our card.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+            let deadline = std::time::Instant::now() + Duration::from_secs(5);
+            while Path::new(&format!("/proc/{pid}")).exists()
+                && std::time::Instant::now() < deadline
+            {
+                // Gone, or a zombie of its old parent's reaper (init).
+                if std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                    .is_ok_and(|s| s.contains(") Z "))
+                {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            self.event(
+                &card,
+                "card-orphan-ended",
+                &format!("pid {pid} left by the last daemon"),
+            );
+        }
+    }
+
+    /// Remembers a card's pid, for [`Daemon::end_orphaned_cards`].
+    fn record_card_pid(&self, card: &str, pid: Option<u32>) {
+        let path = self.path("run", &format!("{card}.pid"));
+        let result = match pid {
+            Some(pid) => std::fs::write(&path, format!("{pid}\n")),
+            None => std::fs::remove_file(&path).or(Ok(())),
+        };
+        if let Err(e) = result {
+            tracing::warn!(card, error = %e, "recording a card's pid");
         }
     }
 
@@ -1294,6 +1360,11 @@ fn card_events(daemon: Weak<Daemon>, events: crossbeam_channel::Receiver<CardEve
             CardEventKind::Stopped => ("card-stopped", String::new()),
         };
         daemon.event(&event.card, kind, &message);
+        match &event.kind {
+            CardEventKind::Started { pid } => daemon.record_card_pid(&event.card, Some(*pid)),
+            CardEventKind::Stopped => daemon.record_card_pid(&event.card, None),
+            _ => {}
+        }
         if event.kind == CardEventKind::Healthy {
             daemon.configure_card(&event.card);
         }

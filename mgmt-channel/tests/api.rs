@@ -89,7 +89,10 @@ impl Daemon {
     }
 
     fn client(&self) -> Client {
-        Client::unix(&self.socket)
+        Client {
+            endpoint: Endpoint::Unix(self.socket.clone()),
+            timeout: Duration::from_secs(30),
+        }
     }
 
     fn get(&self, path: &str) -> Answer {
@@ -955,4 +958,45 @@ fn a_registered_vmm_takes_a_hot_plugged_volume_once() {
 
     vmm.kill().unwrap();
     vmm.wait().unwrap();
+}
+
+/// A daemon killed outright leaves its cards running; the next one ends
+/// them before it starts its own, so one card serves each volume.
+#[test]
+fn a_daemon_killed_outright_has_its_orphaned_cards_ended_by_the_next() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut d = Daemon::start(dir.path(), &[]);
+    let vol = d.created(
+        "/v1/volumes",
+        json!({"size_bytes": 8 * GIB, "volume_type": "gp3"}),
+    );
+    let card = format!("blk-{}", vol["id"].as_str().unwrap());
+    let old = d.wait_card(&card, "healthy", |c| c["phase"] == "healthy")["pid"]
+        .as_u64()
+        .unwrap();
+    let mut child = d.child.take().unwrap();
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(pid_alive(old), "the card outlives a SIGKILLed daemon");
+
+    d.spawn();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while pid_alive(old) {
+        assert!(
+            Instant::now() < deadline,
+            "the orphaned card {old} still runs"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let new = d.wait_card(&card, "healthy again", |c| c["phase"] == "healthy");
+    assert_ne!(new["pid"].as_u64(), Some(old));
+    let events = d.get(&format!("/v1/events?resource={card}")).body;
+    assert!(
+        events
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["kind"] == "card-orphan-ended"),
+        "{events}"
+    );
 }
