@@ -56,7 +56,7 @@ pub struct SoakConfig {
 }
 
 /// The most restarts added by [`SoakConfig::until_resubmitted`].
-pub const EXTRA_RESTARTS: u32 = 5;
+pub const EXTRA_RESTARTS: u32 = 10;
 
 #[derive(Debug, Clone, Default)]
 pub struct SoakReport {
