@@ -78,10 +78,6 @@ struct Backlog {
     frames: VecDeque<(VnetHeader, Vec<u8>)>,
     bytes: usize,
     free: Vec<Vec<u8>>,
-    /// The guest's avail index when the card last asked it to kick (see
-    /// [`rearm`]): while the backlog is full and the index has not moved,
-    /// nothing can go and a new frame is dropped at once.
-    armed_at: Option<u16>,
 }
 
 /// Frames and bytes a queue pair's backlog holds at most.
@@ -94,7 +90,6 @@ impl Backlog {
             frames: VecDeque::with_capacity(BACKLOG_FRAMES),
             bytes: 0,
             free: Vec::new(),
-            armed_at: None,
         }
     }
 
@@ -126,7 +121,6 @@ impl Backlog {
         while !self.frames.is_empty() {
             self.pop();
         }
-        self.armed_at = None;
     }
 }
 
@@ -561,8 +555,14 @@ impl Card {
             add(&dst.counters.rx_oversized, 1);
             return;
         }
-        let packets = crate::allowance::wire_packets(header, frame_len);
-        if let Err(e) = dst.inbound.take(frame_len as u64, packets, self.now()) {
+        let taken = match dst.inbound.is_unlimited() {
+            true => Ok(()),
+            false => {
+                let packets = crate::allowance::wire_packets(header, frame_len);
+                dst.inbound.take(frame_len as u64, packets, self.now())
+            }
+        };
+        if let Err(e) = taken {
             add(
                 match e {
                     Exceeded::Bandwidth(_) => &dst.counters.bw_in_allowance_exceeded,
@@ -670,20 +670,6 @@ fn deliver_one(
         let memory = rx.memory.memory();
         let mut backlog = rx.backlogs[pair].lock().unwrap_or_else(|p| p.into_inner());
         let counters = &dst.counters;
-        // A full backlog for a guest that has added no buffer since it was
-        // asked to kick: the frame has nowhere to go (as a full NIC FIFO);
-        // drop it without touching the rings again.
-        if backlog.frames.len() >= BACKLOG_FRAMES
-            && backlog.armed_at.is_some_and(|at| {
-                state
-                    .get_queue()
-                    .avail_idx(&*memory, Ordering::Acquire)
-                    .is_ok_and(|now| now.0 == at)
-            })
-        {
-            counters.chain_error(ChainError::NoRxBuffers);
-            return;
-        }
         // Frames already waiting go first.
         let mut delivered = drain(
             &mut state,
@@ -814,13 +800,11 @@ fn drain(
 fn rearm(
     state: &mut vhost_user_backend::VringState<GuestMemory>,
     memory: &GuestMemoryMmap,
-    backlog: &mut Backlog,
 ) -> bool {
     let queue = state.get_queue_mut();
     let Ok(avail) = queue.avail_idx(memory, Ordering::Acquire) else {
         return false;
     };
-    backlog.armed_at = Some(avail.0);
     let next = queue.next_avail();
     queue.set_next_avail(avail.0);
     // Writes avail_event = avail (or clears NO_NOTIFY without EVENT_IDX),
@@ -844,7 +828,7 @@ fn rearm_and_drain(
 ) -> bool {
     let mut delivered = false;
     for _ in 0..4 {
-        if backlog.frames.is_empty() || !rearm(state, memory, backlog) {
+        if backlog.frames.is_empty() || !rearm(state, memory) {
             break;
         }
         delivered |= drain(state, memory, backlog, negotiated, scratch, counters);

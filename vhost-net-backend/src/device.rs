@@ -163,11 +163,17 @@ impl PairWorker {
                     continue;
                 }
                 let frame_len = self.chain.len() - header_len;
-                let packets = match parse_header(&self.buf, header_len) {
-                    Some(h) => crate::allowance::wire_packets(&h, frame_len),
-                    None => 1,
+                let taken = match port.outbound.is_unlimited() {
+                    true => Ok(()),
+                    false => {
+                        let packets = match parse_header(&self.buf, header_len) {
+                            Some(h) => crate::allowance::wire_packets(&h, frame_len),
+                            None => 1,
+                        };
+                        port.outbound.take(frame_len as u64, packets, card.now())
+                    }
                 };
-                if let Err(e) = port.outbound.take(frame_len as u64, packets, card.now()) {
+                if let Err(e) = taken {
                     // Leave the chain in the ring; come back when the
                     // buckets hold enough.
                     let q = state.get_queue_mut();
@@ -848,9 +854,8 @@ mod tests {
     }
 
     /// A guest that takes nothing: its backlog fills, then frames are
-    /// dropped and counted (without touching its rings again while it has
-    /// added no buffer). Buffers it adds, even before its kick is seen, take
-    /// the backlog first, in order.
+    /// dropped and counted. Buffers it adds, even before its kick is seen,
+    /// take the backlog first.
     #[test]
     fn a_full_backlog_drops_until_the_guest_adds_buffers() {
         let card = card("");
