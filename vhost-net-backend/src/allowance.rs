@@ -48,12 +48,6 @@ impl Allowance {
         Allowance { limiter: None }
     }
 
-    /// No bucket: every take succeeds (the hot path then skips reading the
-    /// clock).
-    pub fn is_unlimited(&self) -> bool {
-        self.limiter.is_none()
-    }
-
     /// Takes `bytes` from the bandwidth bucket and `packets` (a TSO frame
     /// is as many packets as it has segments on the wire) from the packet
     /// bucket, or nothing.

@@ -555,14 +555,8 @@ impl Card {
             add(&dst.counters.rx_oversized, 1);
             return;
         }
-        let taken = match dst.inbound.is_unlimited() {
-            true => Ok(()),
-            false => {
-                let packets = crate::allowance::wire_packets(header, frame_len);
-                dst.inbound.take(frame_len as u64, packets, self.now())
-            }
-        };
-        if let Err(e) = taken {
+        let packets = crate::allowance::wire_packets(header, frame_len);
+        if let Err(e) = dst.inbound.take(frame_len as u64, packets, self.now()) {
             add(
                 match e {
                     Exceeded::Bandwidth(_) => &dst.counters.bw_in_allowance_exceeded,

@@ -64,7 +64,6 @@ impl PortDevice {
                     pair,
                     timer: Timer::new()?,
                     throttled: false,
-                    kicks_off: false,
                     buf: vec![0; MAX_TX_CHAIN],
                     chain: TxChain::with_capacity(MAX_QUEUE_SIZE),
                     copies: CopyCounts::default(),
@@ -101,10 +100,6 @@ struct PairWorker {
     timer: Timer,
     /// Waiting for the outbound allowance: kicks are ignored until the timer.
     throttled: bool,
-    /// The guest's TX kicks are off (a poll window): turning them off again
-    /// on every poll would write the ring's flags each time, a cache line the
-    /// driver reads before every kick.
-    kicks_off: bool,
     /// The TX frame being switched (vnet header included), as much of it as
     /// the card copied: the headers, or all of it when the card works on the
     /// whole frame. MAX_TX_CHAIN long; bytes past the copy are stale.
@@ -143,10 +138,7 @@ impl PairWorker {
         }
         let mut returned = false;
         'batch: loop {
-            if !self.kicks_off {
-                let _ = state.get_queue_mut().disable_notification(&*memory);
-                self.kicks_off = true;
-            }
+            let _ = state.get_queue_mut().disable_notification(&*memory);
             while let Some((head, outcome)) = chain::take_tx(
                 state.get_queue_mut(),
                 &memory,
@@ -163,17 +155,11 @@ impl PairWorker {
                     continue;
                 }
                 let frame_len = self.chain.len() - header_len;
-                let taken = match port.outbound.is_unlimited() {
-                    true => Ok(()),
-                    false => {
-                        let packets = match parse_header(&self.buf, header_len) {
-                            Some(h) => crate::allowance::wire_packets(&h, frame_len),
-                            None => 1,
-                        };
-                        port.outbound.take(frame_len as u64, packets, card.now())
-                    }
+                let packets = match parse_header(&self.buf, header_len) {
+                    Some(h) => crate::allowance::wire_packets(&h, frame_len),
+                    None => 1,
                 };
-                if let Err(e) = taken {
+                if let Err(e) = port.outbound.take(frame_len as u64, packets, card.now()) {
                     // Leave the chain in the ring; come back when the
                     // buckets hold enough.
                     let q = state.get_queue_mut();
@@ -202,7 +188,6 @@ impl PairWorker {
             if !rearm {
                 break;
             }
-            self.kicks_off = false;
             match state.get_queue_mut().enable_notification(&*memory) {
                 Ok(true) => {
                     // The guest moved avail.idx more than a queue ahead:
@@ -377,7 +362,6 @@ impl VhostUserBackend for PortDevice {
             self.stopping.store(true, Ordering::Release);
             if let Ok(mut w) = self.worker(queue_index as usize / 2) {
                 w.throttled = false;
-                w.kicks_off = false;
                 w.timer.clear();
             }
             self.stopping.store(false, Ordering::Release);
