@@ -434,6 +434,10 @@ echo FW-ALL-OK
 
     // A crash of the networking card under the same TCP connection: the
     // supervisor starts v2 again, QEMU reconnects, iperf3 goes on.
+    ensure!(
+        !console(&a).contains("IPERF-JSON load"),
+        "iperf3 ended before the networking card was killed: lengthen it"
+    );
     let killed = host.pid(NET)?;
     // SAFETY: kill(2) on the supervised card's pid, not yet reaped.
     ensure!(unsafe { libc::kill(killed as libc::pid_t, libc::SIGKILL) } == 0);
