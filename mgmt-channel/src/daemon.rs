@@ -14,8 +14,12 @@ use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Duration;
 
 use card_firmware::agent::{AgentClient, AgentError};
+use card_firmware::boot::{
+    public_key_hex, verify_image, MeasuredBootLog, TrustedKeys, VerifiedImage,
+};
 use host_runtime::card::{
-    CardEvent, CardEventKind, CardKind, CardPhase, CardSpec, Supervisor, SupervisorConfig,
+    CardEvent, CardEventKind, CardKind, CardPhase, CardProgram, CardSpec, Supervisor,
+    SupervisorConfig,
 };
 use host_runtime::instance::{
     Accel, Instance as Vm, InstanceError, InstanceSpec, NicAttachment, NvmeAttachment,
@@ -32,8 +36,8 @@ use crate::store::Store;
 #[derive(Debug, Clone)]
 pub struct Config {
     pub state_dir: PathBuf,
-    /// Where `vhost-blk-backend`, `nvme-emulator` and `vhost-net-backend` are.
-    pub card_bin_dir: PathBuf,
+    /// Where the cards' programs come from.
+    pub cards: CardSource,
     /// Run cards in their sandbox (seccomp, namespaces, uid change).
     pub card_sandbox: bool,
     /// `qemu-system-x86_64` for launched instances.
@@ -46,6 +50,51 @@ pub struct Config {
     pub vpc_cidr: Cidr,
     pub vni: u32,
     pub supervisor: SupervisorConfig,
+}
+
+/// Where the cards' programs come from.
+#[derive(Debug, Clone)]
+pub enum CardSource {
+    /// `vhost-blk-backend`, `nvme-emulator` and `vhost-net-backend` as
+    /// plain binaries in a folder: unverified, for development.
+    Unverified { bin_dir: PathBuf },
+    /// Only binaries of an image signed by one of `trusted`. The image in
+    /// use is desired state; `initial_image` is run when none is recorded.
+    Verified {
+        trusted: TrustedKeys,
+        initial_image: Option<PathBuf>,
+    },
+}
+
+/// The setting that records the image in use.
+const FIRMWARE_IMAGE: &str = "firmware_image";
+/// The card binaries, by kind.
+const CARD_BINARIES: [&str; 3] = ["vhost-blk-backend", "nvme-emulator", "vhost-net-backend"];
+
+fn card_binary(kind: CardKind) -> &'static str {
+    match kind {
+        CardKind::Block => "vhost-blk-backend",
+        CardKind::Nvme => "nvme-emulator",
+        CardKind::Net => "vhost-net-backend",
+    }
+}
+
+fn kind_name(kind: CardKind) -> &'static str {
+    match kind {
+        CardKind::Block => "block",
+        CardKind::Nvme => "nvme",
+        CardKind::Net => "net",
+    }
+}
+
+fn phase_name(phase: CardPhase) -> &'static str {
+    match phase {
+        CardPhase::Starting => "starting",
+        CardPhase::Healthy => "healthy",
+        CardPhase::Unhealthy => "unhealthy",
+        CardPhase::BackingOff => "backing-off",
+        CardPhase::Stopped => "stopped",
+    }
 }
 
 /// How long an agent call may take.
@@ -65,6 +114,10 @@ pub struct Daemon {
     ops: Mutex<()>,
     vms: Mutex<BTreeMap<String, Vm>>,
     supervisor: Supervisor,
+    /// The verified image new cards start from (verified mode).
+    image: Mutex<Option<Arc<VerifiedImage>>>,
+    /// Each card's image version, as last started by the daemon.
+    card_versions: Mutex<BTreeMap<String, String>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -89,14 +142,49 @@ impl Daemon {
         }
         let db = config.state_dir.join("state.db");
         let store = Store::open(&db).with_context(|| format!("opening {}", db.display()))?;
+        let mut supervisor_config = config.supervisor.clone();
+        let image = match &config.cards {
+            CardSource::Unverified { bin_dir } => {
+                tracing::warn!(dir = %bin_dir.display(), "cards run UNVERIFIED from plain binaries (development): give --trusted-keys to run only verified images");
+                None
+            }
+            CardSource::Verified {
+                trusted,
+                initial_image,
+            } => {
+                let recorded = store.setting(FIRMWARE_IMAGE)?.map(PathBuf::from);
+                if let (Some(recorded), Some(given)) = (&recorded, initial_image) {
+                    if recorded != given {
+                        tracing::warn!(recorded = %recorded.display(), given = %given.display(), "running the recorded image (the last firmware update's); --image is only the first one");
+                    }
+                }
+                let dir = recorded
+                    .or_else(|| initial_image.clone())
+                    .context("no card image: give --image DIR (the state records none yet)")?;
+                let image = verify_image(&dir, trusted)
+                    .with_context(|| format!("card image {}", dir.display()))?;
+                for binary in CARD_BINARIES {
+                    if image.sha256(binary).is_none() {
+                        tracing::warn!(binary, image = %dir.display(), "the image has no such card: its resources cannot be created");
+                    }
+                }
+                store.set_setting(FIRMWARE_IMAGE, &dir.display().to_string())?;
+                tracing::info!(image = %dir.display(), version = image.version(), "cards run only from this verified image");
+                supervisor_config.boot_log =
+                    Some(MeasuredBootLog::new(&config.state_dir.join("boot.log")));
+                Some(Arc::new(image))
+            }
+        };
         let (events_tx, events_rx) = crossbeam_channel::unbounded();
-        let supervisor = Supervisor::with_config(events_tx, config.supervisor.clone());
+        let supervisor = Supervisor::with_config(events_tx, supervisor_config);
         let daemon = Arc::new(Daemon {
             config,
             store: Mutex::new(store),
             ops: Mutex::new(()),
             vms: Mutex::new(BTreeMap::new()),
             supervisor,
+            image: Mutex::new(image),
+            card_versions: Mutex::new(BTreeMap::new()),
         });
         let weak = Arc::downgrade(&daemon);
         std::thread::Builder::new()
@@ -254,8 +342,56 @@ impl Daemon {
         self.config.state_dir.join(sub).join(name)
     }
 
-    fn card_program(&self, binary: &str) -> PathBuf {
-        self.config.card_bin_dir.join(binary)
+    /// What a card of `binary` runs: the current image's verified bytes,
+    /// or (unverified mode) the plain binary.
+    fn card_program(&self, binary: &str) -> Result<CardProgram, ApiError> {
+        match &self.config.cards {
+            CardSource::Unverified { bin_dir } => Ok(CardProgram::Binary(bin_dir.join(binary))),
+            CardSource::Verified { .. } => {
+                let image = lock(&self.image)
+                    .clone()
+                    .ok_or_else(|| ApiError::unavailable("no verified card image is loaded"))?;
+                if image.sha256(binary).is_none() {
+                    return Err(ApiError::unavailable(format!(
+                        "card image {} (version {}) has no {binary}",
+                        image.dir.display(),
+                        image.version()
+                    )));
+                }
+                Ok(CardProgram::Image {
+                    image,
+                    binary: binary.into(),
+                })
+            }
+        }
+    }
+
+    /// A one-off command of a card binary (`--check-config`), from the
+    /// same place its card would run from.
+    fn card_command(&self, binary: &str) -> Result<std::process::Command, ApiError> {
+        match self.card_program(binary)? {
+            CardProgram::Image { image, binary } => image
+                .command(&binary)
+                .map_err(|e| ApiError::unavailable(e.to_string())),
+            CardProgram::Binary(path) => Ok(std::process::Command::new(path)),
+            CardProgram::Launcher(l) => Err(ApiError::internal(format!(
+                "no one-off command for {}",
+                l.describe()
+            ))),
+        }
+    }
+
+    /// Remembers which image version a card was started from.
+    fn record_card_version(&self, card: &str, program: &CardProgram) {
+        let mut versions = lock(&self.card_versions);
+        match program {
+            CardProgram::Image { image, .. } => {
+                versions.insert(card.to_string(), image.version().to_string());
+            }
+            _ => {
+                versions.remove(card);
+            }
+        }
     }
 
     fn card_args(&self, mut args: Vec<String>, agent: &Path) -> Vec<std::ffi::OsString> {
@@ -277,9 +413,11 @@ impl Daemon {
         let name = spec.name.clone();
         // A card stopped by a crash of the last daemon left its sockets.
         let _ = std::fs::remove_file(&spec.agent_socket);
+        let program = spec.program.clone();
         self.supervisor
             .start(spec)
             .map_err(|e| ApiError::unavailable(e.to_string()))?;
+        self.record_card_version(&name, &program);
         if let Err(e) = self.supervisor.wait_healthy(&name, CARD_START) {
             let _ = self.supervisor.stop(&name);
             return Err(ApiError::unavailable(format!(
@@ -334,7 +472,7 @@ impl Daemon {
         self.start_card(CardSpec {
             name: name.clone(),
             kind: CardKind::Block,
-            program: self.card_program("vhost-blk-backend").into(),
+            program: self.card_program("vhost-blk-backend")?,
             args: self.card_args(args, &agent),
             agent_socket: agent,
             log: self.path("logs", &format!("{name}.log")),
@@ -518,7 +656,7 @@ impl Daemon {
         self.start_card(CardSpec {
             name: name.clone(),
             kind: CardKind::Nvme,
-            program: self.card_program("nvme-emulator").into(),
+            program: self.card_program("nvme-emulator")?,
             args: self.card_args(args, &agent),
             agent_socket: agent,
             log: self.path("logs", &format!("{name}.log")),
@@ -921,13 +1059,14 @@ impl Daemon {
         let staged = path.with_extension("toml.new");
         std::fs::write(&staged, &text)
             .map_err(|e| ApiError::internal(format!("writing {}: {e}", staged.display())))?;
-        let program = self.card_program("vhost-net-backend");
-        let check = std::process::Command::new(&program)
+        let program = self.card_program("vhost-net-backend")?;
+        let check = self
+            .card_command("vhost-net-backend")?
             .arg("--check-config")
             .arg("--config")
             .arg(&staged)
             .output()
-            .map_err(|e| ApiError::unavailable(format!("running {}: {e}", program.display())))?;
+            .map_err(|e| ApiError::unavailable(format!("running {}: {e}", program.describe())))?;
         if !check.status.success() {
             let _ = std::fs::remove_file(&staged);
             return Err(ApiError::internal(format!(
@@ -946,7 +1085,7 @@ impl Daemon {
         self.start_card(CardSpec {
             name: NET_CARD.into(),
             kind: CardKind::Net,
-            program: program.into(),
+            program,
             args: self.card_args(args, &agent),
             agent_socket: agent,
             log: self.path("logs", "net.log"),
@@ -1235,6 +1374,187 @@ impl Daemon {
         Ok(())
     }
 
+    // ------------------------------------------------------------ firmware
+
+    pub fn firmware(&self) -> Firmware {
+        let image = lock(&self.image).clone();
+        let versions = lock(&self.card_versions).clone();
+        let cards = self
+            .supervisor
+            .list()
+            .into_iter()
+            .map(|s| CardFirmware {
+                version: versions.get(&s.name).cloned(),
+                name: s.name,
+                kind: kind_name(s.kind).into(),
+                phase: phase_name(s.phase).into(),
+                pid: s.pid,
+            })
+            .collect();
+        let (mode, card_bin_dir) = match &self.config.cards {
+            CardSource::Unverified { bin_dir } => {
+                ("unverified", Some(bin_dir.display().to_string()))
+            }
+            CardSource::Verified { .. } => ("verified", None),
+        };
+        Firmware {
+            mode: mode.into(),
+            image: image.as_ref().map(|i| i.dir.display().to_string()),
+            version: image.as_ref().map(|i| i.version().to_string()),
+            signer: image.as_ref().map(|i| public_key_hex(&i.signer)),
+            card_bin_dir,
+            cards,
+        }
+    }
+
+    /// Verifies the image, then restarts the cards on it one at a time,
+    /// each healthy before the next. An image that does not verify changes
+    /// nothing; a card that does not come up on it puts every card
+    /// restarted so far back on the previous image.
+    pub fn update_firmware(&self, req: UpdateFirmware) -> Result<FirmwareUpdated, ApiError> {
+        let _ops = lock(&self.ops);
+        let CardSource::Verified { trusted, .. } = &self.config.cards else {
+            return Err(ApiError::conflict(
+                "this daemon runs unverified cards from --card-bin-dir: start it with --trusted-keys and --image to run (and update) verified images",
+            ));
+        };
+        let dir = PathBuf::from(&req.image);
+        if !dir.is_absolute() {
+            return Err(ApiError::invalid("image", "must be an absolute path"));
+        }
+        let new = verify_image(&dir, trusted)
+            .map_err(|e| ApiError::invalid("image", format!("{}: {e}", dir.display())))?;
+        let cards: Vec<_> = self
+            .supervisor
+            .list()
+            .into_iter()
+            .filter(|c| c.phase != CardPhase::Stopped)
+            .collect();
+        for card in &cards {
+            let binary = card_binary(card.kind);
+            if new.sha256(binary).is_none() {
+                return Err(ApiError::invalid(
+                    "image",
+                    format!(
+                        "{}: no {binary}, which card {} runs",
+                        dir.display(),
+                        card.name
+                    ),
+                ));
+            }
+        }
+        let new = Arc::new(new);
+        let old = lock(&self.image).clone();
+        let previous_version = old.as_ref().map(|i| i.version().to_string());
+        let (from, to) = (
+            previous_version.clone().unwrap_or_else(|| "-".into()),
+            new.version().to_string(),
+        );
+        self.event(
+            "firmware",
+            "update-started",
+            &format!("{from} -> {to} ({})", dir.display()),
+        );
+        let mut restarted = Vec::new();
+        for card in &cards {
+            let program = CardProgram::Image {
+                image: new.clone(),
+                binary: card_binary(card.kind).into(),
+            };
+            match self.supervisor.restart(&card.name, Some(program.clone())) {
+                Ok(pid) => {
+                    self.record_card_version(&card.name, &program);
+                    self.event(
+                        &card.name,
+                        "firmware-updated",
+                        &format!("{from} -> {to}, pid {:?} -> {pid}", card.pid),
+                    );
+                    restarted.push(CardRestart {
+                        name: card.name.clone(),
+                        old_pid: card.pid,
+                        new_pid: pid,
+                    });
+                }
+                Err(e) => {
+                    let message = format!("card {} did not come up on {to}: {e}", card.name);
+                    self.event(&card.name, "firmware-update-failed", &message);
+                    let back = self.roll_back(old.as_ref(), &card.name, &restarted);
+                    self.event("firmware", "update-failed", &format!("{message}; {back}"));
+                    return Err(ApiError::unavailable(format!("{message}; {back}")));
+                }
+            }
+        }
+        *lock(&self.image) = Some(new);
+        self.store()
+            .set_setting(FIRMWARE_IMAGE, &dir.display().to_string())?;
+        self.event(
+            "firmware",
+            "updated",
+            &format!("{from} -> {to}, {} cards", restarted.len()),
+        );
+        Ok(FirmwareUpdated {
+            previous_version,
+            restarted,
+            firmware: self.firmware(),
+        })
+    }
+
+    /// Puts the failed card and every card already restarted back on the
+    /// previous image; says what it did.
+    fn roll_back(
+        &self,
+        old: Option<&Arc<VerifiedImage>>,
+        failed: &str,
+        restarted: &[CardRestart],
+    ) -> String {
+        let Some(old) = old else {
+            return "no previous image to go back to".into();
+        };
+        let mut back = 0;
+        let names = restarted.iter().map(|r| r.name.as_str()).chain([failed]);
+        for name in names {
+            let Ok(status) = self.supervisor.status(name) else {
+                continue;
+            };
+            let program = CardProgram::Image {
+                image: old.clone(),
+                binary: card_binary(status.kind).into(),
+            };
+            match self.supervisor.restart(name, Some(program.clone())) {
+                Ok(_) => {
+                    self.record_card_version(name, &program);
+                    self.event(
+                        name,
+                        "firmware-rolled-back",
+                        &format!("to {}", old.version()),
+                    );
+                    back += 1;
+                }
+                Err(e) => self.event(name, "firmware-rollback-failed", &e.to_string()),
+            }
+        }
+        format!("{back} card(s) back on {}", old.version())
+    }
+
+    /// The measured-boot log and whether its chain checks out.
+    pub fn boot_log(&self) -> Result<BootLog, ApiError> {
+        let log = MeasuredBootLog::new(&self.config.state_dir.join("boot.log"));
+        let (verified, problem, entries) = match log.verify() {
+            Ok(entries) => (true, None, entries),
+            Err(e) => (
+                false,
+                Some(e.to_string()),
+                log.entries().unwrap_or_default(),
+            ),
+        };
+        Ok(BootLog {
+            path: log.path().display().to_string(),
+            verified,
+            problem,
+            entries: entries.into_iter().map(Into::into).collect(),
+        })
+    }
+
     // ------------------------------------------------------ cards, events
 
     pub fn cards(&self) -> Vec<Card> {
@@ -1243,20 +1563,8 @@ impl Daemon {
             .into_iter()
             .map(|s| Card {
                 name: s.name,
-                kind: match s.kind {
-                    CardKind::Block => "block",
-                    CardKind::Nvme => "nvme",
-                    CardKind::Net => "net",
-                }
-                .into(),
-                phase: match s.phase {
-                    CardPhase::Starting => "starting",
-                    CardPhase::Healthy => "healthy",
-                    CardPhase::Unhealthy => "unhealthy",
-                    CardPhase::BackingOff => "backing-off",
-                    CardPhase::Stopped => "stopped",
-                }
-                .into(),
+                kind: kind_name(s.kind).into(),
+                phase: phase_name(s.phase).into(),
                 pid: s.pid,
                 restarts: s.restarts,
                 last_failure: s.last_failure,

@@ -562,6 +562,102 @@ pub struct CardMetrics {
     pub metrics: serde_json::Value,
 }
 
+// ----------------------------------------------------------------- firmware
+
+/// `GET /v1/firmware`: what the cards run.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, PartialEq)]
+pub struct Firmware {
+    /// `verified`: cards run only from the verified image below (the daemon
+    /// has `--trusted-keys`); `unverified`: plain binaries from
+    /// `card_bin_dir`, for development.
+    pub mode: String,
+    /// The image in use (verified mode).
+    pub image: Option<String>,
+    pub version: Option<String>,
+    /// The trusted key that signed the image, hex.
+    pub signer: Option<String>,
+    /// Where unverified cards come from (unverified mode).
+    pub card_bin_dir: Option<String>,
+    pub cards: Vec<CardFirmware>,
+}
+
+/// One card and the image version it was started from.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, PartialEq)]
+pub struct CardFirmware {
+    pub name: String,
+    pub kind: String,
+    pub phase: String,
+    pub pid: Option<u32>,
+    /// The image version of its running process; none when unverified.
+    pub version: Option<String>,
+}
+
+/// `POST /v1/firmware/update`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct UpdateFirmware {
+    /// The new image's folder (absolute): `manifest.json`, `manifest.sig`, `bin/`.
+    pub image: String,
+}
+
+/// What a firmware update did.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, PartialEq)]
+pub struct FirmwareUpdated {
+    pub previous_version: Option<String>,
+    /// The cards restarted, in order.
+    pub restarted: Vec<CardRestart>,
+    pub firmware: Firmware,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, PartialEq)]
+pub struct CardRestart {
+    pub name: String,
+    pub old_pid: Option<u32>,
+    pub new_pid: u32,
+}
+
+/// `GET /v1/firmware/boot-log`: the measured-boot log.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, PartialEq)]
+pub struct BootLog {
+    pub path: String,
+    /// Whether the hash chain checks out (numbering, links, digests).
+    pub verified: bool,
+    /// Where and why it does not.
+    pub problem: Option<String>,
+    pub entries: Vec<BootLogEntry>,
+}
+
+/// One start of a card binary from a verified image.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, PartialEq)]
+pub struct BootLogEntry {
+    pub seq: u64,
+    /// RFC 3339, UTC.
+    pub time: String,
+    pub card: String,
+    pub binary: String,
+    pub image_version: String,
+    /// The binary's SHA-256, as verified.
+    pub sha256: String,
+    /// The previous entry's digest.
+    pub prev: String,
+    pub digest: String,
+}
+
+impl From<card_firmware::boot::BootEntry> for BootLogEntry {
+    fn from(e: card_firmware::boot::BootEntry) -> Self {
+        BootLogEntry {
+            seq: e.seq,
+            time: e.time,
+            card: e.card,
+            binary: e.binary,
+            image_version: e.image_version,
+            sha256: e.sha256,
+            prev: e.prev,
+            digest: e.digest,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

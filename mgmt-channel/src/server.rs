@@ -410,6 +410,33 @@ async fn card_metrics(
     Ok(Json(blocking(&app, move |d| d.card_metrics(&name)).await?))
 }
 
+// ------------------------------------------------------------------ firmware
+
+#[utoipa::path(get, path = "/v1/firmware", tag = "firmware",
+    responses((status = 200, body = Firmware)))]
+async fn firmware(State(app): State<App>) -> Json<Firmware> {
+    Json(app.daemon.firmware())
+}
+
+/// Verifies the image (a tampered binary or an unknown signer is a 422
+/// naming it, and nothing changes), then restarts the cards on it one at
+/// a time, each healthy before the next. Answers when every card is done.
+#[utoipa::path(post, path = "/v1/firmware/update", tag = "firmware", request_body = UpdateFirmware,
+    responses((status = 200, body = FirmwareUpdated), (status = "4XX", body = ErrorBody),
+        (status = 503, body = ErrorBody)))]
+async fn update_firmware(
+    State(app): State<App>,
+    Strict(req): Strict<UpdateFirmware>,
+) -> Result<Json<FirmwareUpdated>, ApiError> {
+    Ok(Json(blocking(&app, move |d| d.update_firmware(req)).await?))
+}
+
+#[utoipa::path(get, path = "/v1/firmware/boot-log", tag = "firmware",
+    responses((status = 200, body = BootLog)))]
+async fn boot_log(State(app): State<App>) -> Result<Json<BootLog>, ApiError> {
+    Ok(Json(blocking(&app, |d| d.boot_log()).await?))
+}
+
 /// `GET /v1/events` filters.
 #[derive(Debug, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
@@ -452,7 +479,7 @@ async fn list_events(
 #[openapi(
     info(
         title = "cardsim mgmt-channel",
-        description = "The control plane of cardsim's cards: volumes, instance-store namespaces, subnets, security groups, ENIs and instances. Errors are `{\"error\": {\"code\", \"message\", \"field\"?}}`; a refused request changes nothing."
+        description = "The control plane of cardsim's cards: the verified card image they run, volumes, instance-store namespaces, subnets, security groups, ENIs and instances. Errors are `{\"error\": {\"code\", \"message\", \"field\"?}}`; a refused request changes nothing."
     ),
     paths(
         create_volume,
@@ -488,6 +515,9 @@ async fn list_events(
         list_cards,
         card_metrics,
         list_events,
+        firmware,
+        update_firmware,
+        boot_log,
     ),
     components(schemas(ErrorBody, Rule))
 )]
@@ -553,6 +583,9 @@ pub fn router(app: App) -> Router<()> {
         .route("/v1/cards", get(list_cards))
         .route("/v1/cards/{name}/metrics", get(card_metrics))
         .route("/v1/events", get(list_events))
+        .route("/v1/firmware", get(firmware))
+        .route("/v1/firmware/update", post(update_firmware))
+        .route("/v1/firmware/boot-log", get(boot_log))
         .fallback(|| async { ApiError::new(ErrorKind::NotFound, "no such path") })
         .method_not_allowed_fallback(|| async {
             ApiError::new(ErrorKind::BadRequest, "method not allowed on this path")

@@ -1,6 +1,7 @@
 //! Desired state: an embedded SQLite database (`state.db` under the state
 //! directory). Each resource is one row holding its JSON, so adding a field
-//! needs no migration; events are a second table.
+//! needs no migration; events are a second table, and single settings of
+//! the host (the card image in use) a third.
 
 use std::path::Path;
 
@@ -43,7 +44,10 @@ impl Store {
                  time_ms INTEGER NOT NULL,
                  resource TEXT NOT NULL,
                  kind TEXT NOT NULL,
-                 message TEXT NOT NULL);",
+                 message TEXT NOT NULL);
+             CREATE TABLE IF NOT EXISTS settings (
+                 key TEXT PRIMARY KEY,
+                 value TEXT NOT NULL);",
         )?;
         Ok(Store { db })
     }
@@ -95,6 +99,27 @@ impl Store {
             .db
             .execute("DELETE FROM resources WHERE id = ?1", params![id])?
             > 0)
+    }
+
+    /// A host-wide setting, e.g. `firmware_image`.
+    pub fn setting(&self, key: &str) -> Result<Option<String>, StoreError> {
+        Ok(self
+            .db
+            .query_row(
+                "SELECT value FROM settings WHERE key = ?1",
+                params![key],
+                |row| row.get(0),
+            )
+            .optional()?)
+    }
+
+    pub fn set_setting(&self, key: &str, value: &str) -> Result<(), StoreError> {
+        self.db.execute(
+            "INSERT INTO settings (key, value) VALUES (?1, ?2)
+             ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+            params![key, value],
+        )?;
+        Ok(())
     }
 
     pub fn record_event(
@@ -183,5 +208,14 @@ mod tests {
         assert_eq!(events[0].kind, "created");
         assert!(store.delete("subnet-1").unwrap());
         assert!(!store.delete("subnet-1").unwrap());
+        store.set_setting("firmware_image", "/a").unwrap();
+        store.set_setting("firmware_image", "/b").unwrap();
+        drop(store);
+        let store = Store::open(&path).unwrap();
+        assert_eq!(
+            store.setting("firmware_image").unwrap().as_deref(),
+            Some("/b")
+        );
+        assert_eq!(store.setting("other").unwrap(), None);
     }
 }

@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use card_firmware::boot::{self, SigningKey};
 use mgmt_channel::client::{Answer, Client, Endpoint};
 use serde_json::{json, Value};
 
@@ -19,10 +20,17 @@ struct Daemon {
     extra: Vec<String>,
 }
 
+/// Where cargo built the daemon and the cards.
+fn bin_dir() -> &'static Path {
+    Path::new(DAEMON).parent().unwrap()
+}
+
+const CARDS: [&str; 3] = ["vhost-blk-backend", "nvme-emulator", "vhost-net-backend"];
+
 impl Daemon {
     fn start(dir: &Path, extra: &[&str]) -> Daemon {
-        let bin_dir = Path::new(DAEMON).parent().unwrap();
-        for card in ["vhost-blk-backend", "nvme-emulator", "vhost-net-backend"] {
+        let bin_dir = bin_dir();
+        for card in CARDS {
             assert!(
                 bin_dir.join(card).is_file(),
                 "{card} is not built in {}: run `cargo build --workspace --bins` first",
@@ -45,12 +53,17 @@ impl Daemon {
             .append(true)
             .open(self.state.with_extension("log"))
             .unwrap();
-        let child = Command::new(DAEMON)
+        let mut command = Command::new(DAEMON);
+        command
             .arg("--socket")
             .arg(&self.socket)
             .arg("--state-dir")
             .arg(&self.state)
-            .args(&self.extra)
+            .args(&self.extra);
+        if !self.extra.iter().any(|a| a == "--trusted-keys") {
+            command.arg("--card-bin-dir").arg(bin_dir());
+        }
+        let child = command
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -999,4 +1012,352 @@ fn a_daemon_killed_outright_has_its_orphaned_cards_ended_by_the_next() {
             .any(|e| e["kind"] == "card-orphan-ended"),
         "{events}"
     );
+}
+
+// ------------------------------------------------------------------ firmware
+
+/// A card image of the built card binaries at `dir`, signed by `key`.
+fn card_image(dir: &Path, key: &SigningKey, version: &str) -> PathBuf {
+    let bin = boot::create_bin_dir(dir).unwrap();
+    for card in CARDS {
+        std::fs::copy(bin_dir().join(card), bin.join(card)).unwrap();
+    }
+    boot::sign_image(dir, key, version).unwrap();
+    dir.to_path_buf()
+}
+
+/// A trusted-keys file naming `key`.
+fn trusted_keys(dir: &Path, key: &SigningKey) -> PathBuf {
+    let path = dir.join("trusted-keys");
+    std::fs::write(
+        &path,
+        format!("{}\n", boot::public_key_hex(&key.verifying_key())),
+    )
+    .unwrap();
+    path
+}
+
+/// A volume, a namespace and an ENI: one card of each kind.
+fn one_card_of_each_kind(d: &Daemon) {
+    d.created(
+        "/v1/volumes",
+        json!({"size_bytes": 8 * GIB, "volume_type": "gp3"}),
+    );
+    d.created("/v1/namespaces", json!({"size_bytes": 16 << 20}));
+    let subnet = d.created("/v1/subnets", json!({"cidr": "10.0.1.0/24"}));
+    let sg = d.created("/v1/security-groups", json!({"ingress": []}));
+    d.created(
+        "/v1/enis",
+        json!({"subnet_id": subnet["id"], "security_groups": [sg["id"]]}),
+    );
+}
+
+/// Each card's name and pid, from `GET /v1/firmware`.
+fn card_pids(firmware: &Value) -> Vec<(String, u64)> {
+    firmware["cards"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| {
+            (
+                c["name"].as_str().unwrap().to_string(),
+                c["pid"].as_u64().unwrap(),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn a_firmware_update_restarts_every_card_on_the_new_image_and_the_boot_log_chains_both() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = boot::generate_signing_key().unwrap();
+    let v1 = card_image(&dir.path().join("v1"), &key, "1.0.0");
+    let v2 = card_image(&dir.path().join("v2"), &key, "2.0.0");
+    let keys = trusted_keys(dir.path(), &key);
+    let mut d = Daemon::start(
+        dir.path(),
+        &[
+            "--trusted-keys",
+            keys.to_str().unwrap(),
+            "--image",
+            v1.to_str().unwrap(),
+        ],
+    );
+    one_card_of_each_kind(&d);
+    let before = d.get("/v1/firmware").body;
+    assert_eq!(before["mode"], "verified", "{before}");
+    assert_eq!(before["version"], "1.0.0");
+    assert_eq!(before["image"], v1.to_str().unwrap());
+    assert_eq!(before["signer"], boot::public_key_hex(&key.verifying_key()));
+    let old = card_pids(&before);
+    assert_eq!(old.len(), 3, "{before}");
+    for card in before["cards"].as_array().unwrap() {
+        assert_eq!(card["version"], "1.0.0", "{card}");
+    }
+
+    let updated = d.post("/v1/firmware/update", json!({"image": v2}));
+    assert_eq!(updated.status, 200, "{}", updated.body);
+    assert_eq!(updated.body["previous_version"], "1.0.0");
+    assert_eq!(updated.body["restarted"].as_array().unwrap().len(), 3);
+    let after = d.get("/v1/firmware").body;
+    assert_eq!(after["version"], "2.0.0", "{after}");
+    assert_eq!(after["image"], v2.to_str().unwrap());
+    for (card, (name, old_pid)) in after["cards"].as_array().unwrap().iter().zip(&old) {
+        assert_eq!(&card["name"], name.as_str());
+        assert_eq!(card["version"], "2.0.0", "{card}");
+        assert_eq!(card["phase"], "healthy", "{card}");
+        let pid = card["pid"].as_u64().unwrap();
+        assert_ne!(pid, *old_pid, "{name} was not restarted");
+        assert!(
+            !pid_alive(*old_pid),
+            "{name}'s old process {old_pid} still runs"
+        );
+        let events = d.get(&format!("/v1/events?resource={name}")).body;
+        assert!(
+            events
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|e| e["kind"] == "firmware-updated"
+                    && e["message"].as_str().unwrap().contains("1.0.0 -> 2.0.0")),
+            "{name}: {events}"
+        );
+    }
+
+    // The measured-boot log: each card started on 1.0.0, then on 2.0.0,
+    // in one valid chain.
+    let log = d.get("/v1/firmware/boot-log").body;
+    assert_eq!(log["verified"], true, "{log}");
+    let entries = log["entries"].as_array().unwrap();
+    let versions: Vec<&str> = entries
+        .iter()
+        .map(|e| e["image_version"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        versions,
+        ["1.0.0"; 3]
+            .iter()
+            .chain(&["2.0.0"; 3])
+            .copied()
+            .collect::<Vec<_>>()
+    );
+    for (name, _) in &old {
+        for version in ["1.0.0", "2.0.0"] {
+            assert!(
+                entries
+                    .iter()
+                    .any(|e| e["card"] == name.as_str() && e["image_version"] == version),
+                "{name} {version} not in {log}"
+            );
+        }
+    }
+    let cardctl = Command::new(env!("CARGO_BIN_EXE_cardctl"))
+        .arg("--socket")
+        .arg(&d.socket)
+        .args(["--json", "firmware", "log"])
+        .output()
+        .unwrap();
+    assert!(cardctl.status.success(), "{cardctl:?}");
+    let audit = d.audit();
+    assert!(
+        audit
+            .iter()
+            .any(|r| r["call"] == "POST /v1/firmware/update" && r["result"] == "ok"),
+        "{audit:?}"
+    );
+
+    // Desired state: the next daemon runs 2.0.0 again (re-verified),
+    // though its command line still names 1.0.0 as the first image.
+    d.stop();
+    d.spawn();
+    let again = d.get("/v1/firmware").body;
+    assert_eq!(again["version"], "2.0.0", "{again}");
+    for card in again["cards"].as_array().unwrap() {
+        assert_eq!(card["version"], "2.0.0", "{card}");
+    }
+    let log = d.get("/v1/firmware/boot-log").body;
+    assert_eq!(log["verified"], true, "{log}");
+    assert_eq!(log["entries"].as_array().unwrap().len(), 9, "{log}");
+}
+
+#[test]
+fn a_tampered_or_unknown_key_image_is_refused_and_every_card_keeps_running() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = boot::generate_signing_key().unwrap();
+    let v1 = card_image(&dir.path().join("v1"), &key, "1.0.0");
+    let keys = trusted_keys(dir.path(), &key);
+    let d = Daemon::start(
+        dir.path(),
+        &[
+            "--trusted-keys",
+            keys.to_str().unwrap(),
+            "--image",
+            v1.to_str().unwrap(),
+        ],
+    );
+    one_card_of_each_kind(&d);
+
+    let tampered = card_image(&dir.path().join("tampered"), &key, "2.0.0");
+    let mut blk = std::fs::read(tampered.join("bin/vhost-blk-backend")).unwrap();
+    let last = blk.len() - 1;
+    blk[last] ^= 1;
+    std::fs::write(tampered.join("bin/vhost-blk-backend"), blk).unwrap();
+    let stranger = boot::generate_signing_key().unwrap();
+    let unknown = card_image(&dir.path().join("unknown"), &stranger, "2.0.0");
+    let stranger_hex = boot::public_key_hex(&stranger.verifying_key());
+
+    let firmware = d.get("/v1/firmware").body;
+    let before = d.snapshot();
+    let log_before = d.get("/v1/firmware/boot-log").body;
+    for (body, status, names) in [
+        (
+            json!({"image": tampered}),
+            422,
+            vec!["bin/vhost-blk-backend", "tampered"],
+        ),
+        (
+            json!({"image": unknown}),
+            422,
+            vec!["unknown key", stranger_hex.as_str()],
+        ),
+        (json!({"image": "relative/v2"}), 422, vec!["absolute"]),
+        (
+            json!({"image": dir.path().join("absent")}),
+            422,
+            vec!["absent"],
+        ),
+        (json!({"image": v1, "force": true}), 400, vec!["force"]),
+    ] {
+        let a = d.post("/v1/firmware/update", body.clone());
+        assert_eq!(a.status, status, "{body}: {}", a.body);
+        let message = a.body["error"]["message"].as_str().unwrap();
+        for name in names {
+            assert!(message.contains(name), "{body}: {message}");
+        }
+        assert_eq!(d.get("/v1/firmware").body, firmware, "{body}");
+        assert_eq!(d.snapshot(), before, "{body}");
+        assert_eq!(d.get("/v1/firmware/boot-log").body, log_before, "{body}");
+    }
+    let cardctl = Command::new(env!("CARGO_BIN_EXE_cardctl"))
+        .arg("--socket")
+        .arg(&d.socket)
+        .args(["firmware", "update"])
+        .arg(&unknown)
+        .output()
+        .unwrap();
+    assert_eq!(cardctl.status.code(), Some(1), "{cardctl:?}");
+    assert!(
+        String::from_utf8_lossy(&cardctl.stderr).contains("unknown key"),
+        "{cardctl:?}"
+    );
+    assert_eq!(d.get("/v1/firmware").body, firmware);
+    let refused = d
+        .audit()
+        .iter()
+        .filter(|r| r["call"] == "POST /v1/firmware/update" && r["status"] != 200)
+        .count();
+    assert_eq!(refused, 6);
+}
+
+#[test]
+fn a_daemon_without_trusted_keys_runs_unverified_cards_and_cannot_update_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = Daemon::start(dir.path(), &[]);
+    one_card_of_each_kind(&d);
+    let firmware = d.get("/v1/firmware").body;
+    assert_eq!(firmware["mode"], "unverified", "{firmware}");
+    assert_eq!(firmware["version"], Value::Null);
+    for card in firmware["cards"].as_array().unwrap() {
+        assert_eq!(card["version"], Value::Null, "{card}");
+    }
+    let shown = Command::new(env!("CARGO_BIN_EXE_cardctl"))
+        .arg("--socket")
+        .arg(&d.socket)
+        .args(["firmware", "show"])
+        .output()
+        .unwrap();
+    assert!(shown.status.success(), "{shown:?}");
+    assert!(
+        String::from_utf8_lossy(&shown.stdout).contains("UNVERIFIED"),
+        "{shown:?}"
+    );
+    let key = boot::generate_signing_key().unwrap();
+    let v1 = card_image(&dir.path().join("v1"), &key, "1.0.0");
+    let pids = card_pids(&firmware);
+    let a = d.post("/v1/firmware/update", json!({"image": v1}));
+    assert_eq!(a.status, 409, "{}", a.body);
+    assert!(
+        a.body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("--trusted-keys"),
+        "{}",
+        a.body
+    );
+    assert_eq!(card_pids(&d.get("/v1/firmware").body), pids);
+}
+
+/// Runs the daemon to its exit: status and stderr.
+fn daemon_exit(dir: &Path, args: &[&str]) -> (Option<i32>, String) {
+    let out = Command::new(DAEMON)
+        .arg("--socket")
+        .arg(dir.join("refused.sock"))
+        .arg("--state-dir")
+        .arg(dir.join("refused-state"))
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn a_daemon_with_trusted_keys_refuses_to_start_without_a_good_image() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = boot::generate_signing_key().unwrap();
+    let keys = trusted_keys(dir.path(), &key);
+    let keys = keys.to_str().unwrap();
+    let tampered = card_image(&dir.path().join("tampered"), &key, "1.0.0");
+    std::fs::write(tampered.join("bin/nvme-emulator"), b"#!/bin/sh\n").unwrap();
+    let stranger = boot::generate_signing_key().unwrap();
+    let unknown = card_image(&dir.path().join("unknown"), &stranger, "1.0.0");
+    let empty_keys = dir.path().join("no-keys");
+    std::fs::write(&empty_keys, "# nobody\n").unwrap();
+    for (args, says) in [
+        (
+            vec![
+                "--trusted-keys",
+                keys,
+                "--image",
+                tampered.to_str().unwrap(),
+            ],
+            "bin/nvme-emulator",
+        ),
+        (
+            vec!["--trusted-keys", keys, "--image", unknown.to_str().unwrap()],
+            "unknown key",
+        ),
+        (vec!["--trusted-keys", keys], "--image"),
+        (
+            vec![
+                "--trusted-keys",
+                empty_keys.to_str().unwrap(),
+                "--image",
+                unknown.to_str().unwrap(),
+            ],
+            "no trusted keys",
+        ),
+        (vec![], "--trusted-keys"),
+        (
+            vec!["--trusted-keys", keys, "--card-bin-dir", "/usr/bin"],
+            "cannot be used with",
+        ),
+    ] {
+        let (code, stderr) = daemon_exit(dir.path(), &args);
+        assert_eq!(code, Some(2), "{args:?}: {stderr}");
+        assert!(stderr.contains(says), "{args:?}: {stderr}");
+        assert!(!dir.path().join("refused.sock").exists(), "{args:?}");
+    }
 }

@@ -1,12 +1,13 @@
 //! `cargo xtask demo`: a small cloud on one host, driven by its control plane.
 //!
-//! Starts mgmt-channel (release build) on a fresh state directory, then, only
+//! Starts mgmt-channel (release build) on a fresh state directory, its cards
+//! from a verified image signed with a throwaway key, then, only
 //! through `cardctl`: a subnet, a security group allowing iperf3 and ping, a
 //! gp3 volume and two ENIs; two instances (QEMU 11.1 when `cargo xtask deps`
 //! prepared it, else the host's 7.2). The first runs fio on its volume and
 //! iperf3 to the second across the networking card. Prints what fio and
 //! iperf3 saw, then the control plane's view (volumes, ENIs, instances,
-//! cards) as cardctl shows it.
+//! cards, firmware) as cardctl shows it.
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -104,11 +105,16 @@ pub fn run_demo() -> Result<()> {
     let log = dir.join("mgmt-channel.log");
 
     println!("cardsim demo: mgmt-channel with {vmm} guests (TCG)\n");
+    let (image_dir, trusted_keys) = demo_image(&bin, &dir)?;
     let daemon = Command::new(bin.join("mgmt-channel"))
         .arg("--socket")
         .arg(&socket)
         .arg("--state-dir")
         .arg(dir.join("state"))
+        .arg("--trusted-keys")
+        .arg(&trusted_keys)
+        .arg("--image")
+        .arg(&image_dir)
         .arg("--vmm")
         .arg(&vmm_path)
         .arg("--kernel")
@@ -269,6 +275,7 @@ fn demo(cp: &ControlPlane, dir: &Path) -> Result<()> {
         &["eni", "list"],
         &["instance", "list"],
         &["cards"],
+        &["firmware", "show"],
     ] {
         cp.show(what)?;
     }
@@ -278,6 +285,32 @@ fn demo(cp: &ControlPlane, dir: &Path) -> Result<()> {
         dir.join("state").display()
     );
     Ok(())
+}
+
+/// The cards as a verified image signed with a throwaway key (what `cargo
+/// xtask image build` makes with a kept one): the image and the
+/// trusted-keys file naming the key.
+fn demo_image(bin: &Path, dir: &Path) -> Result<(PathBuf, PathBuf)> {
+    use card_firmware::boot;
+    let image = dir.join("image");
+    let image_bin = boot::create_bin_dir(&image)?;
+    for card in ["vhost-blk-backend", "nvme-emulator", "vhost-net-backend"] {
+        if bin.join(card).is_file() {
+            fs::copy(bin.join(card), image_bin.join(card))
+                .with_context(|| format!("copying {card} into the demo image"))?;
+        }
+    }
+    let key = boot::generate_signing_key().context("no randomness for a key")?;
+    boot::sign_image(&image, &key, "demo")?;
+    let trusted = dir.join("trusted-keys");
+    fs::write(
+        &trusted,
+        format!(
+            "# the demo's throwaway key\n{}\n",
+            boot::public_key_hex(&key.verifying_key())
+        ),
+    )?;
+    Ok((image, trusted))
 }
 
 /// Waits until the guest's script has ended; the console's text.

@@ -68,6 +68,23 @@ enum Command {
     Cards,
     /// A card's counters, from its agent.
     Metrics { card: String },
+    /// The card image the cards run: show it, update it, the measured-boot log.
+    #[command(subcommand)]
+    Firmware(FirmwareCmd),
+}
+
+#[derive(Subcommand, Debug)]
+enum FirmwareCmd {
+    /// The image in use and each card's version and pid.
+    Show,
+    /// Verify IMAGE, then restart the cards on it one at a time.
+    Update {
+        /// The image's folder (manifest.json, manifest.sig, bin/).
+        image: PathBuf,
+    },
+    /// The measured-boot log: every card binary started, hash-chained.
+    /// Exit status 1 when the chain does not verify.
+    Log,
 }
 
 #[derive(Subcommand, Debug)]
@@ -332,6 +349,8 @@ const INSTANCE_ROW: &[&str] = &[
 ];
 const EVENT: &[&str] = &["seq", "time", "resource", "kind", "message"];
 const CARD: &[&str] = &["name", "kind", "phase", "pid", "restarts", "last_failure"];
+const FIRMWARE_CARD: &[&str] = &["name", "kind", "phase", "version", "pid"];
+const BOOT_ENTRY: &[&str] = &["seq", "time", "card", "binary", "image_version", "sha256"];
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -635,8 +654,143 @@ fn run(cli: &Cli, client: &Client) -> anyhow::Result<ExitCode> {
             }
             (answer, Show::Nothing(""))
         }
+        Firmware(cmd) => return firmware(cli, client, cmd),
     };
     Ok(print_answer(cli, &answer, show))
+}
+
+fn firmware(cli: &Cli, client: &Client, cmd: &FirmwareCmd) -> anyhow::Result<ExitCode> {
+    match cmd {
+        FirmwareCmd::Show => {
+            let answer = client.get("/v1/firmware")?;
+            if !answer.is_success() || cli.json {
+                return Ok(print_answer(cli, &answer, Show::Nothing("")));
+            }
+            print_firmware(&answer.body);
+            Ok(ExitCode::SUCCESS)
+        }
+        FirmwareCmd::Update { image } => {
+            let body = json!({"image": absolute(image)?});
+            let answer = update_with_progress(cli, client, &body)?;
+            if !answer.is_success() || cli.json {
+                return Ok(print_answer(cli, &answer, Show::Nothing("")));
+            }
+            let done = &answer.body;
+            println!(
+                "updated {} -> {}: {} card(s) restarted one at a time",
+                done["previous_version"].as_str().unwrap_or("-"),
+                done["firmware"]["version"].as_str().unwrap_or("-"),
+                done["restarted"].as_array().map_or(0, Vec::len)
+            );
+            print_firmware(&done["firmware"]);
+            Ok(ExitCode::SUCCESS)
+        }
+        FirmwareCmd::Log => {
+            let answer = client.get("/v1/firmware/boot-log")?;
+            if !answer.is_success() {
+                return Ok(print_answer(cli, &answer, Show::Nothing("")));
+            }
+            let verified = answer.body["verified"].as_bool() == Some(true);
+            if cli.json {
+                println!("{}", answer.body);
+            } else {
+                let mut table = Table::new();
+                table.load_style(UTF8_FULL_CONDENSED);
+                table.set_header(BOOT_ENTRY.iter().map(|f| f.to_uppercase()));
+                for row in answer.body["entries"].as_array().into_iter().flatten() {
+                    table.add_row(BOOT_ENTRY.iter().map(|f| cell(row, f)).collect::<Vec<_>>());
+                }
+                println!("{table}");
+                if verified {
+                    println!("chain: verified ({})", cell(&answer.body, "path"));
+                } else {
+                    println!(
+                        "chain: BROKEN: {}",
+                        answer.body["problem"].as_str().unwrap_or("?")
+                    );
+                }
+            }
+            Ok(if verified {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            })
+        }
+    }
+}
+
+/// Sends the update and, while the daemon restarts the cards, shows how
+/// many already run the new image.
+fn update_with_progress(cli: &Cli, client: &Client, body: &Value) -> anyhow::Result<Answer> {
+    let request = {
+        let client = client.clone();
+        let body = body.clone();
+        std::thread::spawn(move || client.post("/v1/firmware/update", &body))
+    };
+    let bar = if cli.json {
+        indicatif::ProgressBar::hidden()
+    } else {
+        indicatif::ProgressBar::new_spinner().with_message("verifying the image")
+    };
+    bar.enable_steady_tick(Duration::from_millis(100));
+    let before = client.get("/v1/firmware").ok().map(|a| a.body);
+    while !request.is_finished() {
+        std::thread::sleep(Duration::from_millis(250));
+        let (Some(before), Ok(now)) = (&before, client.get("/v1/firmware")) else {
+            continue;
+        };
+        let cards = now.body["cards"].as_array().cloned().unwrap_or_default();
+        let old_pids: Vec<&Value> = before["cards"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|c| &c["pid"])
+            .collect();
+        let done = cards
+            .iter()
+            .filter(|c| !c["pid"].is_null() && !old_pids.contains(&&c["pid"]))
+            .count();
+        bar.set_message(format!(
+            "restarting cards one at a time: {done} of {} restarted",
+            cards.len()
+        ));
+    }
+    bar.finish_and_clear();
+    request
+        .join()
+        .map_err(|_| anyhow::anyhow!("the update request's thread panicked"))?
+        .map_err(Into::into)
+}
+
+fn print_firmware(fw: &Value) {
+    let mut table = Table::new();
+    table.load_style(UTF8_FULL_CONDENSED);
+    if fw["mode"] == "verified" {
+        for f in ["mode", "image", "version", "signer"] {
+            table.add_row(vec![f.to_string(), cell(fw, f)]);
+        }
+    } else {
+        table.add_row(vec!["mode".to_string(), cell(fw, "mode")]);
+        table.add_row(vec!["card_bin_dir".to_string(), cell(fw, "card_bin_dir")]);
+    }
+    println!("{table}");
+    if fw["mode"] != "verified" {
+        println!(
+            "WARNING: cards are UNVERIFIED: plain binaries, no signature checked (start mgmt-channel with --trusted-keys and --image)"
+        );
+    }
+    let mut cards = Table::new();
+    cards.load_style(UTF8_FULL_CONDENSED);
+    cards.set_header(FIRMWARE_CARD.iter().map(|f| f.to_uppercase()));
+    for row in fw["cards"].as_array().into_iter().flatten() {
+        cards.add_row(
+            FIRMWARE_CARD
+                .iter()
+                .map(|f| cell(row, f))
+                .collect::<Vec<_>>(),
+        );
+    }
+    println!("{cards}");
 }
 
 fn absolute(path: &std::path::Path) -> anyhow::Result<String> {

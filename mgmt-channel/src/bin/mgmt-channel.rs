@@ -10,10 +10,11 @@ use std::sync::Arc;
 use anyhow::Context;
 use clap::Parser;
 
+use card_firmware::boot::TrustedKeys;
 use host_runtime::card::SupervisorConfig;
 use host_runtime::instance::Accel;
 use mgmt_channel::auth::{load_tokens, AuditLog};
-use mgmt_channel::daemon::{Config, Daemon};
+use mgmt_channel::daemon::{CardSource, Config, Daemon};
 use mgmt_channel::model::Cidr;
 use mgmt_channel::server::{self, App, UnixPeer};
 
@@ -37,7 +38,18 @@ struct Args {
     /// Bearer tokens for TCP: lines `NAME SECRET read|write`.
     #[arg(long)]
     token_file: Option<PathBuf>,
-    /// Where the card binaries are. Default: beside this binary.
+    /// Run cards only from verified images signed by one of these ed25519
+    /// public keys (hex, one a line). The safe mode: give this, or
+    /// --card-bin-dir for unverified development cards; the daemon
+    /// refuses to start without either.
+    #[arg(long, conflicts_with = "card_bin_dir")]
+    trusted_keys: Option<PathBuf>,
+    /// The card image (folder of manifest.json, manifest.sig, bin/) to run
+    /// when the state records none yet; afterwards the recorded one (the
+    /// last `cardctl firmware update`'s) is run, verified again.
+    #[arg(long, requires = "trusted_keys")]
+    image: Option<PathBuf>,
+    /// Run UNVERIFIED card binaries from this folder (development).
     #[arg(long)]
     card_bin_dir: Option<PathBuf>,
     /// Run cards without their sandbox: for debugging only.
@@ -128,22 +140,36 @@ fn run(args: Args) -> Result<(), Failure> {
         Some(path) => load_tokens(path).map_err(|e| config_err(e.into()))?,
         None => Vec::new(),
     };
-    let card_bin_dir = match &args.card_bin_dir {
-        Some(dir) => dir.clone(),
-        None => std::env::current_exe()
-            .ok()
-            .and_then(|exe| exe.parent().map(Path::to_path_buf))
-            .ok_or_else(|| {
-                config_err(anyhow::anyhow!(
-                    "cannot tell where this binary is: give --card-bin-dir"
-                ))
-            })?,
-    };
-    for card in ["vhost-blk-backend", "nvme-emulator", "vhost-net-backend"] {
-        if !card_bin_dir.join(card).is_file() {
-            tracing::warn!(card, dir = %card_bin_dir.display(), "card binary missing: its resources cannot be created");
+    let cards = match (&args.trusted_keys, &args.card_bin_dir) {
+        (Some(keys), _) => CardSource::Verified {
+            trusted: TrustedKeys::load(keys)
+                .with_context(|| "--trusted-keys")
+                .map_err(config_err)?,
+            initial_image: match &args.image {
+                Some(dir) => Some(
+                    std::path::absolute(dir)
+                        .with_context(|| format!("--image {}", dir.display()))
+                        .map_err(config_err)?,
+                ),
+                None => None,
+            },
+        },
+        (None, Some(dir)) => {
+            for card in ["vhost-blk-backend", "nvme-emulator", "vhost-net-backend"] {
+                if !dir.join(card).is_file() {
+                    tracing::warn!(card, dir = %dir.display(), "card binary missing: its resources cannot be created");
+                }
+            }
+            CardSource::Unverified {
+                bin_dir: dir.clone(),
+            }
         }
-    }
+        (None, None) => {
+            return Err(config_err(anyhow::anyhow!(
+                "give --trusted-keys FILE --image DIR (cards only from a verified image) or --card-bin-dir DIR (unverified cards, for development)"
+            )))
+        }
+    };
     std::fs::create_dir_all(&args.state_dir)
         .with_context(|| format!("creating --state-dir {}", args.state_dir.display()))
         .map_err(config_err)?;
@@ -163,7 +189,10 @@ fn run(args: Args) -> Result<(), Failure> {
         .context("starting the runtime")
         .map_err(Failure::Runtime)?;
     runtime.block_on(async move {
-        let unix = bind_unix(&socket).map_err(config_err)?;
+        // Refuse now if another daemon serves the socket (this one would end
+        // its cards), but bind only once the cards are back: a caller then
+        // never waits out a card's start.
+        check_socket_free(&socket).map_err(config_err)?;
         let tcp = match args.listen_tcp {
             Some(addr) => Some(
                 tokio::net::TcpListener::bind(addr)
@@ -175,7 +204,7 @@ fn run(args: Args) -> Result<(), Failure> {
         };
         let config = Config {
             state_dir,
-            card_bin_dir,
+            cards,
             card_sandbox: !args.no_card_sandbox,
             vmm: args.vmm,
             accel: args.accel,
@@ -189,6 +218,7 @@ fn run(args: Args) -> Result<(), Failure> {
             .await
             .map_err(|e| Failure::Runtime(e.into()))?
             .map_err(config_err)?;
+        let unix = bind_unix(&socket).map_err(config_err)?;
         let app = App {
             daemon: daemon.clone(),
             audit: Arc::new(audit),
@@ -252,6 +282,17 @@ async fn wait_for_signal() {
         _ = term.recv() => {}
         _ = int.recv() => {}
     }
+}
+
+/// Refuses a socket a live daemon answers on.
+fn check_socket_free(path: &Path) -> anyhow::Result<()> {
+    if path.exists() && std::os::unix::net::UnixStream::connect(path).is_ok() {
+        anyhow::bail!(
+            "{} is in use: another mgmt-channel is running",
+            path.display()
+        );
+    }
+    Ok(())
 }
 
 /// Binds the API socket, mode 0600. A socket left by a daemon that died is
