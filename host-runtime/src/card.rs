@@ -135,6 +135,8 @@ pub struct CardStatus {
     /// Restarts after an exit (not counting [`Supervisor::restart`]).
     pub restarts: u32,
     pub program: String,
+    /// The image version a card from a verified image runs.
+    pub image_version: Option<String>,
     /// Why the last health check or start failed, if one did.
     pub last_failure: Option<String>,
 }
@@ -458,6 +460,10 @@ impl Card {
             pid: self.child.as_ref().map(Child::id),
             restarts: self.restarts,
             program: self.spec.program.describe(),
+            image_version: match &self.spec.program {
+                CardProgram::Image { image, .. } => Some(image.version().to_string()),
+                _ => None,
+            },
             last_failure: self.last_failure.clone(),
         }
     }

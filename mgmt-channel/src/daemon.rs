@@ -116,8 +116,6 @@ pub struct Daemon {
     supervisor: Supervisor,
     /// The verified image new cards start from (verified mode).
     image: Mutex<Option<Arc<VerifiedImage>>>,
-    /// Each card's image version, as last started by the daemon.
-    card_versions: Mutex<BTreeMap<String, String>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -184,7 +182,6 @@ impl Daemon {
             vms: Mutex::new(BTreeMap::new()),
             supervisor,
             image: Mutex::new(image),
-            card_versions: Mutex::new(BTreeMap::new()),
         });
         let weak = Arc::downgrade(&daemon);
         std::thread::Builder::new()
@@ -381,19 +378,6 @@ impl Daemon {
         }
     }
 
-    /// Remembers which image version a card was started from.
-    fn record_card_version(&self, card: &str, program: &CardProgram) {
-        let mut versions = lock(&self.card_versions);
-        match program {
-            CardProgram::Image { image, .. } => {
-                versions.insert(card.to_string(), image.version().to_string());
-            }
-            _ => {
-                versions.remove(card);
-            }
-        }
-    }
-
     fn card_args(&self, mut args: Vec<String>, agent: &Path) -> Vec<std::ffi::OsString> {
         args.push("--agent".into());
         args.push(agent.display().to_string());
@@ -413,11 +397,9 @@ impl Daemon {
         let name = spec.name.clone();
         // A card stopped by a crash of the last daemon left its sockets.
         let _ = std::fs::remove_file(&spec.agent_socket);
-        let program = spec.program.clone();
         self.supervisor
             .start(spec)
             .map_err(|e| ApiError::unavailable(e.to_string()))?;
-        self.record_card_version(&name, &program);
         if let Err(e) = self.supervisor.wait_healthy(&name, CARD_START) {
             let _ = self.supervisor.stop(&name);
             return Err(ApiError::unavailable(format!(
@@ -1378,13 +1360,12 @@ impl Daemon {
 
     pub fn firmware(&self) -> Firmware {
         let image = lock(&self.image).clone();
-        let versions = lock(&self.card_versions).clone();
         let cards = self
             .supervisor
             .list()
             .into_iter()
             .map(|s| CardFirmware {
-                version: versions.get(&s.name).cloned(),
+                version: s.image_version,
                 name: s.name,
                 kind: kind_name(s.kind).into(),
                 phase: phase_name(s.phase).into(),
@@ -1461,9 +1442,8 @@ impl Daemon {
                 image: new.clone(),
                 binary: card_binary(card.kind).into(),
             };
-            match self.supervisor.restart(&card.name, Some(program.clone())) {
+            match self.supervisor.restart(&card.name, Some(program)) {
                 Ok(pid) => {
-                    self.record_card_version(&card.name, &program);
                     self.event(
                         &card.name,
                         "firmware-updated",
@@ -1520,9 +1500,8 @@ impl Daemon {
                 image: old.clone(),
                 binary: card_binary(status.kind).into(),
             };
-            match self.supervisor.restart(name, Some(program.clone())) {
+            match self.supervisor.restart(name, Some(program)) {
                 Ok(_) => {
-                    self.record_card_version(name, &program);
                     self.event(
                         name,
                         "firmware-rolled-back",

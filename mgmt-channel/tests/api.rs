@@ -1361,3 +1361,60 @@ fn a_daemon_with_trusted_keys_refuses_to_start_without_a_good_image() {
         assert!(!dir.path().join("refused.sock").exists(), "{args:?}");
     }
 }
+
+/// A card that does not come up on the new image (here the NVMe card's
+/// binary is `false`, signed by the trusted key) puts every card already
+/// restarted back on the previous image, and the image in use stays.
+#[test]
+fn a_card_that_does_not_come_up_on_the_new_image_rolls_the_update_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = boot::generate_signing_key().unwrap();
+    let v1 = card_image(&dir.path().join("v1"), &key, "1.0.0");
+    let broken = dir.path().join("broken");
+    let bin = boot::create_bin_dir(&broken).unwrap();
+    for card in CARDS {
+        std::fs::copy(bin_dir().join(card), bin.join(card)).unwrap();
+    }
+    std::fs::copy("/bin/false", bin.join("nvme-emulator")).unwrap();
+    boot::sign_image(&broken, &key, "2.0.0-broken").unwrap();
+    let keys = trusted_keys(dir.path(), &key);
+    let d = Daemon::start(
+        dir.path(),
+        &[
+            "--trusted-keys",
+            keys.to_str().unwrap(),
+            "--image",
+            v1.to_str().unwrap(),
+        ],
+    );
+    one_card_of_each_kind(&d);
+    let before = d.get("/v1/firmware").body;
+
+    let a = d.post("/v1/firmware/update", json!({"image": broken}));
+    assert_eq!(a.status, 503, "{}", a.body);
+    let message = a.body["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("nvme-ns-") && message.contains("3 card(s) back on 1.0.0"),
+        "{message}"
+    );
+    let after = d.get("/v1/firmware").body;
+    assert_eq!(after["version"], "1.0.0", "{after}");
+    assert_eq!(after["image"], before["image"]);
+    for card in after["cards"].as_array().unwrap() {
+        assert_eq!(card["version"], "1.0.0", "{card}");
+        assert_eq!(card["phase"], "healthy", "{card}");
+    }
+    // The blk and net cards went to 2.0.0-broken and back: new pids.
+    for ((name, old), (_, new)) in card_pids(&before).iter().zip(card_pids(&after)) {
+        assert_ne!(*old, new, "{name}");
+    }
+    let events = d.get("/v1/events?resource=firmware").body;
+    assert!(
+        events
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["kind"] == "update-failed"),
+        "{events}"
+    );
+}
