@@ -30,6 +30,12 @@
 //!   with `--check-config`, and the card restarted (guests reconnect).
 //! - Instances are QEMU guests launched with `host_runtime::instance`, or
 //!   VMMs registered by their QMP socket; volumes hot-plug over QMP.
+//! - Firmware: with `--trusted-keys` cards run only from a verified card
+//!   image (`card_firmware::boot`) as `CardProgram::Image`, every start
+//!   measured into `STATE/boot.log`; the image in use is a setting in the
+//!   database. `POST /v1/firmware/update` verifies a new image, then
+//!   restarts the cards on it one at a time (rolled back if one fails).
+//!   Without keys, plain binaries from an explicit `--card-bin-dir`.
 //! - On restart the daemon reconciles: every volume's, namespace's and the
 //!   ENIs' cards are started again, and instances are found again by their
 //!   QMP sockets (launched guests outlive a daemon restart).
