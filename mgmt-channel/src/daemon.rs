@@ -1447,7 +1447,10 @@ impl Daemon {
                     self.event(
                         &card.name,
                         "firmware-updated",
-                        &format!("{from} -> {to}, pid {:?} -> {pid}", card.pid),
+                        &format!(
+                            "{from} -> {to}, pid {} -> {pid}",
+                            card.pid.map_or("-".into(), |p| p.to_string())
+                        ),
                     );
                     restarted.push(CardRestart {
                         name: card.name.clone(),
