@@ -3,6 +3,7 @@
 //! "guest" in their name boot a guest (run one at a time).
 
 use anyhow::{bail, ensure, Context, Result};
+use card_firmware::boot;
 use cardsim_tests::{card_binary, guest_image, tail, Vmm, EXIT_MARKER};
 use serde_json::Value;
 use std::fs;
@@ -20,7 +21,18 @@ struct ControlPlane {
 }
 
 impl ControlPlane {
+    /// A daemon running the built cards unverified (`--card-bin-dir`).
     fn start(dir: &Path) -> Result<ControlPlane> {
+        let bin_dir = card_binary("mgmt-channel")?
+            .parent()
+            .context("bin dir")?
+            .to_path_buf();
+        Self::start_with(dir, &["--card-bin-dir".as_ref(), bin_dir.as_os_str()])
+    }
+
+    /// A daemon whose cards come from `cards` (`--card-bin-dir DIR` or
+    /// `--trusted-keys FILE --image DIR`).
+    fn start_with(dir: &Path, cards: &[&std::ffi::OsStr]) -> Result<ControlPlane> {
         Vmm::Qemu11.available()?;
         let image = guest_image()?;
         let daemon_bin = card_binary("mgmt-channel")?;
@@ -32,8 +44,7 @@ impl ControlPlane {
             .arg(&socket)
             .arg("--state-dir")
             .arg(&state)
-            .arg("--card-bin-dir")
-            .arg(daemon_bin.parent().context("bin dir")?)
+            .args(cards)
             .arg("--vmm")
             .arg(Vmm::qemu11_root().join("usr/bin/qemu-system-x86_64"))
             .arg("--accel")
@@ -326,6 +337,116 @@ echo MC-FIO-OK
     ensure!(
         kinds[exited..].contains(&"card-restarting") && kinds[exited..].contains(&"card-healthy"),
         "{kinds:?}"
+    );
+    Ok(())
+}
+
+/// A card image of the built cards, signed by `key`.
+fn card_image(dir: &Path, key: &boot::SigningKey, version: &str) -> Result<PathBuf> {
+    let bin = boot::create_bin_dir(dir)?;
+    for card in ["vhost-blk-backend", "nvme-emulator", "vhost-net-backend"] {
+        fs::copy(card_binary(card)?, bin.join(card))?;
+    }
+    boot::sign_image(dir, key, version)?;
+    Ok(dir.to_path_buf())
+}
+
+/// `cardctl firmware update` while fio writes with verification in a guest:
+/// the volume's card is restarted on the new image under the I/O, and fio
+/// sees no error.
+#[test]
+fn guest_qemu11_cardctl_firmware_update_under_fio_verify() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let key = boot::generate_signing_key()?;
+    let v1 = card_image(&dir.path().join("v1"), &key, "1.0.0")?;
+    let v2 = card_image(&dir.path().join("v2"), &key, "2.0.0")?;
+    let keys = dir.path().join("trusted-keys");
+    fs::write(&keys, boot::public_key_hex(&key.verifying_key()))?;
+    let cp = ControlPlane::start_with(
+        dir.path(),
+        &[
+            "--trusted-keys".as_ref(),
+            keys.as_os_str(),
+            "--image".as_ref(),
+            v1.as_os_str(),
+        ],
+    )?;
+    let vol = id(&cp.cardctl(&["volume", "create", "--size", "1G", "--type", "gp3"])?)?;
+    let card = format!("blk-{vol}");
+    let script = dir.path().join("user-data.sh");
+    // Rate-limited so the update lands in the middle of the writes.
+    fs::write(
+        &script,
+        format!(
+            "wait_dev /dev/vda\necho MC-FIO-START\n{}",
+            cardsim_tests::fio::job(
+                "update",
+                "--rw=randwrite --bs=4k --iodepth=8 --verify=crc32c --size=32M --rate_iops=1000"
+            )
+        ),
+    )?;
+    let instance = cp.cardctl(&[
+        "instance",
+        "run",
+        "--volume",
+        &vol,
+        "--vcpus",
+        "2",
+        "--user-data",
+        script.to_str().context("path")?,
+        "--wait-for",
+        "MC-FIO-START",
+        "--wait-timeout",
+        "90",
+    ])?;
+    let console = PathBuf::from(instance["console_log"].as_str().context("console")?);
+    std::thread::sleep(Duration::from_secs(1));
+    let old_pid = cp.card(&card)?["pid"].as_u64().context("the card runs")?;
+
+    let started = Instant::now();
+    let updated = cp.cardctl(&["firmware", "update", v2.to_str().context("path")?])?;
+    let took = started.elapsed();
+    let text = fs::read_to_string(&console)?;
+    ensure!(
+        !text.contains(cardsim_tests::fio::END),
+        "fio ended before the update did:\n{}",
+        tail(&text, 20)
+    );
+    ensure!(updated["firmware"]["version"] == "2.0.0", "{updated}");
+    let now = cp.card(&card)?;
+    ensure!(
+        now["phase"] == "healthy" && now["pid"].as_u64() != Some(old_pid),
+        "{now}"
+    );
+
+    wait_console(
+        &console,
+        &format!("{EXIT_MARKER} rc="),
+        Duration::from_secs(120),
+    )?;
+    let text = fs::read_to_string(&console)?;
+    let reports = cardsim_tests::fio::reports(&text)?;
+    let job = &reports
+        .first()
+        .with_context(|| format!("no fio report:\n{}", tail(&text, 30)))?["jobs"][0];
+    ensure!(job["error"] == 0, "fio: {job}\n{}", tail(&text, 20));
+    ensure!(
+        text.contains(&format!("{EXIT_MARKER} rc=0")),
+        "{}",
+        tail(&text, 20)
+    );
+    let written = job["write"]["total_ios"].as_u64().unwrap_or(0);
+    let verified = job["read"]["total_ios"].as_u64().unwrap_or(0);
+    ensure!(
+        written == 8192 && verified == 8192,
+        "fio wrote {written} and verified {verified} blocks of 4 KiB (8192 each expected)"
+    );
+    let log = cp.cardctl(&["firmware", "log"])?;
+    ensure!(log["verified"] == true, "{log}");
+    println!(
+        "firmware update under fio: cardctl answered in {:.2} s (card {card}: pid {old_pid} -> {})",
+        took.as_secs_f64(),
+        now["pid"]
     );
     Ok(())
 }
