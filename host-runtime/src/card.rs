@@ -137,7 +137,8 @@ pub struct CardStatus {
     pub program: String,
     /// The image version a card from a verified image runs.
     pub image_version: Option<String>,
-    /// Why the last health check or start failed, if one did.
+    /// Why the last health check or start failed, if one did; while the
+    /// card is starting, why it is not up yet.
     pub last_failure: Option<String>,
 }
 
@@ -235,6 +236,10 @@ struct Card {
     check: Option<(u64, Instant)>,
     restarts: u32,
     last_failure: Option<String>,
+    /// Why the card is not healthy yet while it starts (its agent socket
+    /// not there yet, say): shown only until it comes up, since a check
+    /// that races a starting card is not a failure.
+    start_probe: Option<String>,
 }
 
 struct Shared {
@@ -296,6 +301,7 @@ impl Supervisor {
             check: None,
             restarts: 0,
             last_failure: None,
+            start_probe: None,
         };
         let pid = spawn(&mut card, self.shared.config.boot_log.as_ref()).map_err(|reason| {
             CardError::StartFailed {
@@ -464,7 +470,11 @@ impl Card {
                 CardProgram::Image { image, .. } => Some(image.version().to_string()),
                 _ => None,
             },
-            last_failure: self.last_failure.clone(),
+            // While it starts, why it is not up yet; after, real failures only.
+            last_failure: match self.phase {
+                Phase::Starting => self.start_probe.clone().or(self.last_failure.clone()),
+                _ => self.last_failure.clone(),
+            },
         }
     }
 }
@@ -519,6 +529,7 @@ fn spawn(card: &mut Card, boot_log: Option<&MeasuredBootLog>) -> Result<u32, Str
     card.phase = Phase::Starting;
     card.started_at = Instant::now();
     card.healthy_since = None;
+    card.start_probe = None;
     card.last_check = None;
     // An answer from a check of the previous process is not this one's.
     card.check = None;
@@ -720,13 +731,15 @@ fn apply_health(
         (Phase::Starting, Ok(())) | (Phase::Running { failed_checks: 1.. }, Ok(())) => {
             if card.phase == Phase::Starting {
                 card.healthy_since = Some(Instant::now());
+                card.start_probe = None;
             }
             card.phase = Phase::Running { failed_checks: 0 };
             emit(CardEventKind::Healthy);
         }
         (Phase::Starting, Err(reason)) => {
-            card.last_failure = Some(reason.clone());
+            card.start_probe = Some(reason.clone());
             if card.started_at.elapsed() >= config.start_timeout {
+                card.last_failure = Some(reason.clone());
                 emit(CardEventKind::Unhealthy {
                     reason: format!(
                         "not healthy {:?} after starting ({reason}): killed",
@@ -864,6 +877,45 @@ mod tests {
         ));
         let err = sup.wait_healthy("blk-hung", Duration::from_millis(300));
         assert!(matches!(err, Err(CardError::NotHealthy { .. })), "{err:?}");
+    }
+
+    /// Checks that race a starting card's agent socket are not failures:
+    /// they explain a card that is not up yet, and vanish once it is.
+    #[test]
+    fn a_card_that_comes_up_shows_no_failure_from_its_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut card = Card {
+            spec: CardSpec {
+                name: "blk-starting".into(),
+                kind: CardKind::Block,
+                program: CardProgram::Binary("/bin/true".into()),
+                args: vec![],
+                agent_socket: dir.path().join("agent.sock"),
+                log: dir.path().join("card.log"),
+            },
+            child: None,
+            phase: Phase::Starting,
+            backoff: Duration::from_millis(50),
+            started_at: Instant::now(),
+            healthy_since: None,
+            last_check: None,
+            check: None,
+            restarts: 0,
+            last_failure: None,
+            start_probe: None,
+        };
+        let mut events = Vec::new();
+        let config = fast();
+        let not_yet = "cannot connect to agent socket: No such file or directory".to_string();
+        apply_health(&mut card, Err(not_yet.clone()), &config, &mut |e| {
+            events.push(e)
+        });
+        assert_eq!(card.status().phase, CardPhase::Starting);
+        assert_eq!(card.status().last_failure, Some(not_yet));
+        apply_health(&mut card, Ok(()), &config, &mut |e| events.push(e));
+        assert_eq!(card.status().phase, CardPhase::Healthy);
+        assert_eq!(card.status().last_failure, None);
+        assert_eq!(events, [CardEventKind::Healthy]);
     }
 
     /// An image holding a copy of /bin/sh as its one binary, `card`.
