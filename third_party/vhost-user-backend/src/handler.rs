@@ -252,18 +252,19 @@ where
     fn initialize_vring(&self, vring: &T::Vring, index: u8) -> VhostUserResult<()> {
         vring.set_queue_ready(true);
         self.update_vring_registration(vring, index)?;
-        // CARDSIM-PATCH: with inflight tracking the backend may have requests to resubmit (it
-        // was restarted while they were in flight) and the guest kicked nobody meanwhile: wake
-        // the queue's worker once, as libvhost-user does in vu_check_queue_inflights.
-        if self.acked_protocol_features & VhostUserProtocolFeatures::INFLIGHT_SHMFD.bits() != 0 {
-            if let Some(kick) = vring.get_ref().get_kick() {
-                let one = 1u64.to_ne_bytes();
-                // SAFETY: writes 8 bytes from a live buffer to an eventfd the vring owns.
-                let written =
-                    unsafe { libc::write(kick.as_raw_fd(), one.as_ptr().cast(), one.len()) };
-                if written != one.len() as isize {
-                    return Err(VhostUserError::ReqHandlerError(io::Error::last_os_error()));
-                }
+        // CARDSIM-PATCH: wake the queue's worker once when its ring starts. A restarted backend
+        // missed every kick the guest sent while it was down, and a guest that has nothing new to
+        // say never kicks again: with inflight tracking the backend may have requests to
+        // resubmit (libvhost-user's vu_check_queue_inflights kicks for this), and a networking
+        // card's receive queue is served only once its worker has run. A spurious kick is
+        // always allowed by virtio; a worker that finds nothing goes back to sleep.
+        if let Some(kick) = vring.get_ref().get_kick() {
+            let one = 1u64.to_ne_bytes();
+            // SAFETY: writes 8 bytes from a live buffer to an eventfd the vring owns.
+            let written =
+                unsafe { libc::write(kick.as_raw_fd(), one.as_ptr().cast(), one.len()) };
+            if written != one.len() as isize {
+                return Err(VhostUserError::ReqHandlerError(io::Error::last_os_error()));
             }
         }
         Ok(())
